@@ -1,0 +1,50 @@
+"""Attention on one device over packed documents, through the block interface of `backends`.
+
+`LocalAttention` is what a model calls when the sequence is not split (sp = 1); the sequence-
+parallel variants offer the same call, `attend(q, k, v) -> out`, so the model never knows which
+one it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from parallel.attention.backends import AttentionBackend, select_backend
+from parallel.attention.mask import BlockMask, Span
+
+__all__ = ["AttentionBackend", "BlockMask", "LocalAttention", "Span", "block_attention", "select_backend"]
+
+
+class _BlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, backend: AttentionBackend, mask: BlockMask, scale: float):
+        out, lse = backend.forward(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.backend, ctx.mask, ctx.scale = backend, mask, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.mask, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: AttentionBackend,
+                    mask: BlockMask, scale: float | None = None) -> torch.Tensor:
+    """Differentiable attention of one q block over one k/v block."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _BlockAttention.apply(q, k, v, backend, mask, scale)
+
+
+class LocalAttention:
+    """Causal attention within each packed document of a micro-batch held whole on this rank."""
+
+    def __init__(self, backend: AttentionBackend, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 window: int = 0, causal: bool = True):
+        span = Span.from_cu_seqlens(cu_seqlens, max_seqlen)
+        self.backend = backend
+        self.mask = BlockMask(span, span, causal=causal, window=window)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return block_attention(q, k, v, self.backend, self.mask)

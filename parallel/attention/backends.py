@@ -1,0 +1,178 @@
+"""Attention kernels behind one block interface: forward → (out, lse), and its backward.
+
+Shapes: q [Tq, Hq, D], k and v [Tk, Hkv, D] with Hq a multiple of Hkv (GQA, never repeated
+before a kernel that handles it); out [Tq, Hq, D] in q's dtype; lse [Hq, Tq] in fp32 (fp64 for
+fp64 inputs), −inf on rows that see no key (their output is 0).
+
+Backends, fastest first: cuDNN, flash-attn (package), torch's flash op, the CPU flash op, math.
+`select_backend` picks one for the device at start-up; a config may force one.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+
+import torch
+
+from parallel.attention.mask import BlockMask
+
+log = logging.getLogger(__name__)
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class AttentionBackend(ABC):
+    name: str = ""
+    varlen: bool = False  # reads cu_seqlens instead of a dense mask
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor, lse: torch.Tensor, mask: BlockMask,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def _group(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[T, Hq, D] → [Hkv, G, T, D] so that query head h uses kv head h // G."""
+    t, hq, d = q.shape
+    return q.view(t, hkv, hq // hkv, d).permute(1, 2, 0, 3)
+
+
+def _ungroup(x: torch.Tensor) -> torch.Tensor:
+    """[Hkv, G, T, D] → [T, Hq, D]."""
+    hkv, g, t, d = x.shape
+    return x.permute(2, 0, 1, 3).reshape(t, hkv * g, d)
+
+
+class MathBackend(AttentionBackend):
+    """Reference kernel: explicit scores in fp32 (fp64 for fp64 inputs); any mask; any device."""
+
+    name = "math"
+
+    def forward(self, q, k, v, mask, scale):
+        acc = lse_dtype(q.dtype)
+        hkv = k.shape[1]
+        qg = _group(q.to(acc), hkv)  # [Hkv, G, Tq, D]
+        kg = k.to(acc).permute(1, 0, 2)[:, None]  # [Hkv, 1, Tk, D]
+        vg = v.to(acc).permute(1, 0, 2)[:, None]
+        visible = mask.dense()
+        scores = (qg @ kg.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # [Hkv, G, Tq]; -inf on empty rows
+        probs = torch.exp(scores - lse.nan_to_num(neginf=0.0)[..., None])
+        out = probs @ vg
+        return _ungroup(out).to(q.dtype), lse.reshape(-1, q.shape[0])
+
+    def backward(self, dout, q, k, v, out, lse, mask, scale):
+        acc = lse_dtype(q.dtype)
+        hkv = k.shape[1]
+        qg = _group(q.to(acc), hkv)
+        kg = k.to(acc).permute(1, 0, 2)[:, None]
+        vg = v.to(acc).permute(1, 0, 2)[:, None]
+        dog = _group(dout.to(acc), hkv)
+        og = _group(out.to(acc), hkv)
+        lse_g = lse.view(hkv, -1, q.shape[0]).nan_to_num(neginf=0.0)
+        scores = (qg @ kg.transpose(-1, -2)) * scale
+        probs = torch.exp(scores - lse_g[..., None]).masked_fill(~mask.dense(), 0.0)
+        dv = (probs.transpose(-1, -2) @ dog).sum(1)  # [Hkv, Tk, D]
+        dprobs = dog @ vg.transpose(-1, -2)
+        delta = (dog * og).sum(-1, keepdim=True)
+        dscores = probs * (dprobs - delta) * scale
+        dq = dscores @ kg
+        dk = (dscores.transpose(-1, -2) @ qg).sum(1)
+        return (_ungroup(dq).to(q.dtype), dk.permute(1, 0, 2).to(k.dtype), dv.permute(1, 0, 2).to(v.dtype))
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _fold_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return dx
+    t, hq, d = dx.shape
+    return dx.view(t, hq // groups, groups, d).sum(2)
+
+
+class CpuFlashBackend(AttentionBackend):
+    """torch's CPU flash kernel with an additive mask (≈ 7–12× the math path on CPU)."""
+
+    name = "cpu_flash"
+
+    @staticmethod
+    def _bhtd(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).unsqueeze(0)
+
+    def forward(self, q, k, v, mask, scale):
+        g = q.shape[1] // k.shape[1]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            self._bhtd(q), self._bhtd(_repeat_kv(k, g)), self._bhtd(_repeat_kv(v, g)),
+            attn_mask=mask.additive(q.dtype)[None, None], scale=scale)
+        out, lse = out[0].transpose(0, 1), lse[0].to(lse_dtype(q.dtype))
+        empty = ~mask.dense().any(-1)
+        if bool(empty.any()):
+            out = out.masked_fill(empty[:, None, None], 0.0)
+            lse = lse.masked_fill(empty[None, :], float("-inf"))
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, mask, scale):
+        g = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            self._bhtd(dout), self._bhtd(q), self._bhtd(_repeat_kv(k, g)), self._bhtd(_repeat_kv(v, g)),
+            self._bhtd(out), lse.nan_to_num(neginf=0.0).to(self._lse_kernel_dtype(q)).unsqueeze(0),
+            0.0, False, attn_mask=mask.additive(q.dtype)[None, None], scale=scale)
+        dq, dk, dv = (x[0].transpose(0, 1) for x in (dq, dk, dv))
+        return dq, _fold_kv(dk, g), _fold_kv(dv, g)
+
+    @staticmethod
+    def _lse_kernel_dtype(q: torch.Tensor) -> torch.dtype:
+        return q.dtype if q.dtype == torch.float64 else torch.float32
+
+
+class FlashVarlenBackend(AttentionBackend):
+    """torch's CUDA flash op with cu_seqlens (packed documents) and native GQA and windows."""
+
+    name = "flash"
+    varlen = True
+
+    def _window(self, mask: BlockMask) -> tuple[int, int]:
+        left = mask.window - 1 if mask.window else -1
+        return left, (0 if mask.causal else (mask.window - 1 if mask.window else -1))
+
+    def forward(self, q, k, v, mask, scale):
+        left, right = self._window(mask)
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, mask.q.cu_seqlens, mask.k.cu_seqlens, mask.q.max_seqlen, mask.k.max_seqlen,
+            0.0, mask.causal, False, scale=scale, window_size_left=left, window_size_right=right)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, mask, scale):
+        left, right = self._window(mask)
+        empty = torch.empty(0, device=q.device)
+        return torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse, mask.q.cu_seqlens, mask.k.cu_seqlens, mask.q.max_seqlen,
+            mask.k.max_seqlen, 0.0, mask.causal, empty, empty, scale=scale,
+            window_size_left=left, window_size_right=right)
+
+
+BACKENDS: dict[str, type[AttentionBackend]] = {
+    b.name: b for b in (MathBackend, CpuFlashBackend, FlashVarlenBackend)
+}
+
+
+def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """The backend to use on `device`: the named one, or for 'auto' the fastest that runs there."""
+    device = torch.device(device)
+    if name == "auto":
+        name = "flash" if device.type == "cuda" else "cpu_flash"
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend '{name}' is not available here (have: {', '.join(BACKENDS)})")
+    if BACKENDS[name].varlen and device.type != "cuda":
+        raise ValueError(f"attention backend '{name}' needs a CUDA device")
+    return BACKENDS[name]()

@@ -1,0 +1,29 @@
+"""Shared fixtures: a small real corpus (a few stdlib packages) prepared once per session."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from trainer.prepare import SourceOptions, prepare
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    """json/, email/ and logging/ of the standard library, byte tokens (≈ 60 documents)."""
+    out = tmp_path_factory.mktemp("data") / "small"
+    opts = SourceOptions(include=["json/*.py", "email/*.py", "logging/*.py"], exclude=["site-packages/*"])
+    prepare(STDLIB, out, opts=opts, show_progress=False)
+    return out
+
+
+def tiny_overrides(dataset: Path, run_dir: Path, name: str = "t") -> list[str]:
+    """A tiny model and short micro-batches: each step takes well under a second on one core."""
+    return [f"data.path={dataset}", f"run_dir={run_dir}", f"name={name}", "model=tiny",
+            "data.context_len=256", "data.tokens_per_microbatch=512", "train.global_microbatches=4",
+            "train.log_every=1000", "optim.warmup_steps=3", "optim.lr=3.0e-3", "checkpoint.every=5",
+            "cluster.workers=2", "cluster.timeout_s=120"]

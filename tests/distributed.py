@@ -1,0 +1,63 @@
+"""Runs a function on N local processes joined by a gloo process group (tests only).
+
+`run_ranks(fn, world, *args)` spawns the ranks, calls `fn(rank, world, *args)` in each and
+returns every rank's return value (picklable) in rank order. A rank that raises fails the call
+with its traceback; one that dies fails it too, and the others are killed at once rather than
+left waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from launch.distributed import free_port, init_distributed, shutdown_distributed
+
+
+def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    torch.set_num_threads(1)
+    try:
+        init_distributed(rank, world, "127.0.0.1", port, timeout_s=120)
+        result = fn(rank, world, *args)
+        torch.save({"ok": result}, Path(out_dir) / f"rank{rank}.pt")
+        shutdown_distributed()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        torch.save({"error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        procs = [ctx.Process(target=_entry, args=(r, world, port, out, fn, args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        running = {p.sentinel: p for p in procs}
+        while running:
+            for sentinel in wait(list(running)):
+                if running.pop(sentinel).exitcode != 0:  # a dead rank: stop the ones waiting on it
+                    for p in running.values():
+                        p.kill()
+        for p in procs:
+            p.join()
+        results = []
+        for r in range(world):
+            path = Path(out) / f"rank{r}.pt"
+            if not path.exists():
+                raise RuntimeError(f"rank {r} died (exit code {procs[r].exitcode}) without a result")
+            item = torch.load(path, weights_only=False)
+            if "error" in item:
+                raise RuntimeError(f"rank {r} failed:\n{item['error']}")
+            results.append(item["ok"])
+        return results

@@ -1,0 +1,131 @@
+"""Sharded, atomic checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint of step N is written into `step-N.tmp/`; when every rank has written its shards
+(and, for async saves, the background write has finished), rank 0 adds `COMPLETE.json` and
+renames the folder to `step-N/`. Only folders with that marker are ever loaded, so a crash in
+the middle of a save leaves the previous checkpoint as the newest. The last `keep_last` are kept.
+
+Contents: model and optimizer (sharded, resharding on load), LR schedule, data-loader state
+(global), step, config, and each rank's RNG states (`rng/rank-R.pt`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class ModelAndOptimizer(Stateful):
+    """Model and optimizer state in DCP's sharded form."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=StateDictOptions(strict=True))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of complete checkpoints, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+class Checkpointer:
+    def __init__(self, folder: Path, keep_last: int, group: dist.ProcessGroup | None = None,
+                 async_save: bool = False):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.group = group
+        self.async_save = async_save
+        self.rank = dist.get_rank()
+        self._pending: tuple[Any, int, Path, dict] | None = None
+
+    def latest(self) -> tuple[int, Path] | None:
+        found = complete_checkpoints(self.folder)
+        return found[-1] if found else None
+
+    def save(self, step: int, app_state: dict[str, Any], config: dict[str, Any]) -> None:
+        self.wait()
+        tmp = self.folder / f"step-{step:07d}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        dist.barrier(group=self.group)
+        torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank}.pt")
+        meta = {"step": step, "world_size": dist.get_world_size(), "config": config, "time": time.time()}
+        if self.async_save:
+            future = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self.group)
+            self._pending = (future, step, tmp, meta)
+        else:
+            dcp.save(app_state, checkpoint_id=str(tmp), process_group=self.group)
+            self._finalize(step, tmp, meta)
+
+    def wait(self) -> None:
+        """Finishes an async save still in flight (marker and rename); every rank calls it at
+        the same point of the loop, since it ends with barriers."""
+        if self._pending is not None:
+            future, step, tmp, meta = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(step, tmp, meta)
+
+    def _finalize(self, step: int, tmp: Path, meta: dict) -> None:
+        dist.barrier(group=self.group)
+        if self.rank == 0:
+            (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+            final = self.folder / f"step-{step:07d}"
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for _, old in complete_checkpoints(self.folder)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint saved: %s", final)
+        dist.barrier(group=self.group)
+
+    def load(self, path: Path, app_state: dict[str, Any]) -> dict[str, Any]:
+        """Loads `path` into app_state in place; restores this rank's RNG; returns the marker."""
+        dcp.load(app_state, checkpoint_id=str(path), process_group=self.group)
+        rng_file = path / "rng" / f"rank-{self.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return json.loads((path / MARKER).read_text())

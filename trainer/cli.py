@@ -1,0 +1,116 @@
+"""The `loom` command: prepare, stats, train.
+
+Every mistake the user can make — a bad config, a missing dataset, an impossible layout — ends
+in one `loom: error: …` line and exit status 2 before any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from trainer.config import ConfigError, JobConfig, load_config
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from trainer.prepare import SourceOptions, prepare
+
+    opts = SourceOptions(include=args.include or ["*"], exclude=args.exclude or [], text_key=args.text_key)
+    manifest = prepare(args.src, args.out, args.tokenizer, opts, tokens_per_shard=args.tokens_per_shard,
+                       force=args.force, show_progress=not args.quiet)
+    skipped = ", ".join(f"{n} {k}" for k, n in manifest["skipped"].items()) or "none"
+    if manifest.get("up_to_date"):
+        print(f"{args.out}: up to date ({manifest['documents']:,} documents, {manifest['tokens']:,} tokens)")
+        return
+    print(f"{args.out}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens in "
+          f"{len(manifest['shards'])} shard(s), {manifest['seconds']} s; skipped: {skipped}")
+
+
+def _stats(args: argparse.Namespace) -> None:
+    from trainer.stats import run_stats
+
+    run_stats(args.data, as_json=args.json)
+
+
+def check_job(cfg: JobConfig) -> None:
+    """Checks that need the dataset and the layout; raises ConfigError."""
+    from parallel.mesh import ParallelDims
+    from trainer.prepare import read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.path: {err}") from None
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
+                          f"vocabulary ({vocab}, {manifest['tokenizer']['name']})")
+    ParallelDims.from_config(cfg)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from launch.job import run_job
+
+    cfg = load_config(args.config, args.overrides)
+    check_job(cfg)
+    print(f"loom train: {cfg.name} → {cfg.run_path}", flush=True)
+    summary = run_job(cfg)[0]
+    print(describe_run(summary))
+
+
+def describe_run(s: dict) -> str:
+    if not s["losses"]:
+        return f"nothing to do: the run is complete ({s['step']}/{s['max_steps']} steps)"
+    text = (f"trained steps {s['start_step'] + 1}–{s['step']} of {s['max_steps']}: loss {s['losses'][0]:.4f} → "
+            f"{s['losses'][-1]:.4f}; loss curve {s['loss_plot']}")
+    if s["step"] < s["max_steps"]:
+        text += f"\nstopped after train.run_steps; the same command resumes at step {s['step']}"
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loom", description="Long-context training on uneven sequences.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize text into Arrow shards")
+    p.add_argument("src", help="a folder of text files, a text file, a .jsonl or a .parquet file")
+    p.add_argument("out", help="output dataset folder")
+    p.add_argument("--tokenizer", default="bytes", help="'bytes' (default) or a local tokenizer.json")
+    p.add_argument("--include", action="append", help="glob of files to take from a folder (repeatable)")
+    p.add_argument("--exclude", action="append", help="glob of relative paths to skip (repeatable)")
+    p.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
+    p.add_argument("--tokens-per-shard", type=int, default=64 * 2**20)
+    p.add_argument("--force", action="store_true", help="replace an existing dataset prepared from other input")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prepare)
+
+    s = sub.add_parser("stats", help="length statistics of a prepared dataset")
+    s.add_argument("data")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_stats)
+
+    t = sub.add_parser("train", help="train on an embedded local Ray cluster (or cluster.address)")
+    t.add_argument("config", help="train config YAML")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
+    t.set_defaults(func=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.prepare import PrepareError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, PrepareError, FileNotFoundError) as err:
+        print(f"loom: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loom: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Job configuration: dataclasses loaded from YAML, `key=value` overrides, validation.
+
+A train config is one YAML file. A section may be written inline or as the path of another
+YAML file holding that section (resolved relative to the file that names it, then to the
+repository's `configs/<section>/` folder), so `model: small` and `model: ../model/small.yaml`
+both work. Every mistake a user can make in a config is reported as one `ConfigError` line
+before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; its message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 320
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 0  # 0: SwiGLU default, 8/3·dim rounded up to a multiple of 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    window: int = 0  # sliding-window attention span in tokens; 0 = full causal
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention_backend: str = "auto"  # auto | math | cpu_flash | flash | cudnn | flash_attn
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.ffn_dim or -(-8 * self.dim // 3 // 64) * 64
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    context_len: int = 1024  # longest sequence; longer documents are split at this length
+    tokens_per_microbatch: int = 4096  # token budget of one packed micro-batch
+    bucket_edges: list[int] = field(default_factory=list)  # empty: powers of two up to context_len
+    seed: int = 0
+    prefetch: int = 4  # micro-batches read ahead by a background thread
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    global_microbatches: int = 2  # micro-batches per optimizer step, summed over data-parallel ranks
+    run_steps: int = 0  # stop this invocation after so many steps (0: run to max_steps)
+    seed: int = 0
+    log_every: int = 10
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    keep_last: int = 3
+    async_save: bool = False
+
+
+@dataclass
+class SequenceParallelConfig:
+    degree: int = 1
+    method: str = "ring"  # ring | ring_bidir | ulysses | hybrid
+    mode: str = "static"  # static | adaptive
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # -1: every worker not used by tp/pp/sp
+    tp: int = 1
+    pp: int = 1
+    sp: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
+
+
+@dataclass
+class ClusterConfig:
+    workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    cpus_per_worker: int = 1
+    address: str = ""  # empty: an embedded local Ray cluster
+    timeout_s: int = 300  # collective timeout; a hung collective fails after this
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0: looked up from the device name
+    max_failures: int = 0
+
+
+@dataclass
+class JobConfig:
+    name: str = "run"
+    run_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        validate(self)
+
+
+ATTENTION_BACKENDS = ("auto", "math", "cpu_flash", "flash", "cudnn", "flash_attn")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: JobConfig) -> None:
+    """Checks values that no type check catches; raises ConfigError with one line."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for name, value in [("model.dim", m.dim), ("model.n_layers", m.n_layers),
+                        ("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
+                        ("model.vocab_size", m.vocab_size), ("data.context_len", d.context_len),
+                        ("data.tokens_per_microbatch", d.tokens_per_microbatch),
+                        ("train.max_steps", t.max_steps),
+                        ("train.global_microbatches", t.global_microbatches),
+                        ("cluster.workers", cfg.cluster.workers),
+                        ("cluster.timeout_s", cfg.cluster.timeout_s)]:
+        _require(value > 0, f"{name} must be positive, got {value}")
+    _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    _require(m.head_dim % 2 == 0, f"head dim {m.head_dim} must be even for rotary embeddings")
+    _require(m.n_heads % m.n_kv_heads == 0,
+             f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    _require(m.window >= 0, f"model.window must be >= 0, got {m.window}")
+    _require(m.attention_backend in ATTENTION_BACKENDS,
+             f"unknown model.attention_backend '{m.attention_backend}' (choose from {', '.join(ATTENTION_BACKENDS)})")
+    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    _require(0 <= o.warmup_steps, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _require(0 < o.beta1 < 1 and 0 < o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in (0, 1)")
+    _require(d.tokens_per_microbatch >= d.context_len,
+             f"data.tokens_per_microbatch={d.tokens_per_microbatch} is smaller than data.context_len={d.context_len}")
+    _require(all(b > 0 for b in d.bucket_edges) and d.bucket_edges == sorted(set(d.bucket_edges)),
+             "data.bucket_edges must be increasing positive integers")
+    _require(t.run_steps >= 0, f"train.run_steps must be >= 0, got {t.run_steps}")
+    _require(t.precision in ("auto", "fp32", "bf16"), f"unknown train.precision '{t.precision}'")
+    _require(cfg.checkpoint.every > 0, f"checkpoint.every must be positive, got {cfg.checkpoint.every}")
+    _require(cfg.checkpoint.keep_last > 0, f"checkpoint.keep_last must be positive, got {cfg.checkpoint.keep_last}")
+    _require(cfg.cluster.device in ("auto", "cpu", "cuda"), f"unknown cluster.device '{cfg.cluster.device}'")
+    _require(cfg.cluster.max_failures >= 0, "cluster.max_failures must be >= 0")
+    p = cfg.parallel
+    _require(p.sp.method in ("ring", "ring_bidir", "ulysses", "hybrid"), f"unknown parallel.sp.method '{p.sp.method}'")
+    _require(p.sp.mode in ("static", "adaptive"), f"unknown parallel.sp.mode '{p.sp.mode}'")
+    _require(d.path != "", "data.path is not set (prepare a dataset with `loom prepare SRC OUT`)")
+    _require(cfg.name != "" and "/" not in cfg.name, f"name must be a plain folder name, got '{cfg.name}'")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Converts a YAML value to the field's annotated type, or raises ConfigError."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return _build(hint, value, key + ".")
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{key}' must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"'{key}' has an invalid value {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{key}' must be a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = _section_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _resolve_section(name: str, ref: str, base: Path) -> dict[str, Any]:
+    """A section given as a string names a YAML file: relative path, or a name under configs/<name>/."""
+    candidates = [base / ref, CONFIG_ROOT / name / ref, CONFIG_ROOT / name / f"{ref}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return _read_yaml(path)
+    raise ConfigError(f"'{name}: {ref}' names no file (looked for {', '.join(str(c) for c in candidates)})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], base: Path) -> dict[str, Any]:
+    """Applies `a.b=value` overrides in order; `section=name` replaces a whole section from a file."""
+    sections = _section_names()
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) == 1 and keys[0] in sections and isinstance(value, str):
+            raw[keys[0]] = _resolve_section(keys[0], value, base)
+            continue
+        node = raw
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{key}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _section_names() -> set[str]:
+    return {name for name, hint in _section_types(JobConfig).items() if dataclasses.is_dataclass(hint)}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Reads a train config, resolves section files, applies overrides and validates."""
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        raw = _read_yaml(path)
+        base = path.resolve().parent
+    for name in _section_names():
+        if isinstance(raw.get(name), str):
+            raw[name] = _resolve_section(name, raw[name], base)
+    raw = apply_overrides(raw, overrides or [], Path.cwd())
+    cfg = _build(JobConfig, raw)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> JobConfig:
+    """Rebuilds a config saved with `JobConfig.to_dict` (checkpoints, worker hand-off)."""
+    return _build(JobConfig, raw)
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,185 @@
+"""The training loop every worker runs, with torch.distributed already initialised.
+
+Order of a step: fetch this rank's micro-batches; all-reduce the step's label count; forward
+and backward each micro-batch with its summed loss scaled by dp / that global count (FSDP
+averages over dp, so the update equals a single worker's on the same global batch); clip, step the
+optimizer and the schedule; log; checkpoint every `checkpoint.every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.attention import LocalAttention, select_backend
+from parallel.data_parallel import apply_fsdp
+from parallel.mesh import ParallelDims
+from trainer.checkpoint import Checkpointer, ModelAndOptimizer
+from trainer.config import JobConfig, dump_config
+from trainer.dataset import TokenDataset
+from trainer.loader import IGNORE, PackedBatch, StepLoader
+from trainer.metrics import MetricsWriter, log0, peak_memory_gb, peak_tflops, plot_loss, training_flops
+from trainer.model import Transformer, num_params
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.sampler import PackedSampler
+
+
+@dataclass
+class Progress:
+    """The step counter, as a checkpointable object."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+def worker_device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def compute_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype:
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or worker_device()
+        self.rank = dist.get_rank()
+        self.dims = ParallelDims.from_config(cfg, dist.get_world_size()).build(self.device)
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model).to(self.device)
+        self.dtype = compute_dtype(cfg, self.device)
+        self.model = apply_fsdp(model, self.dims.dp_mesh, param_dtype=self.dtype)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.backend = select_backend(cfg.model.attention_backend, self.device)
+        dataset = TokenDataset(cfg.data.path)
+        sampler = PackedSampler(dataset.lengths, cfg.data.context_len, cfg.data.tokens_per_microbatch,
+                                cfg.train.global_microbatches, cfg.data.seed, cfg.data.bucket_edges,
+                                dataset.fingerprint)
+        self.loader = StepLoader(dataset, sampler, self.dims.dp_rank, self.dims.dp, cfg.data.prefetch)
+        self.progress = Progress()
+        self.checkpointer = Checkpointer(cfg.run_path / "checkpoints", cfg.checkpoint.keep_last,
+                                         self.dims.checkpoint_group, cfg.checkpoint.async_save)
+        self.peak = peak_tflops(self.device, cfg.cluster.peak_tflops)
+
+    def app_state(self) -> dict[str, Any]:
+        return {"train": ModelAndOptimizer(self.model, self.optimizer), "scheduler": self.scheduler,
+                "loader": self.loader, "progress": self.progress}
+
+    def resume(self) -> int:
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return 0
+        step, path = latest
+        self.checkpointer.load(path, self.app_state())
+        log0(f"resumed from {path} (step {self.progress.step}/{self.cfg.train.max_steps})")
+        return step
+
+    def save(self) -> None:
+        self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict())
+
+    def attention_for(self, batch: PackedBatch) -> LocalAttention:
+        return LocalAttention(self.backend, batch.cu_seqlens, batch.max_seqlen, window=self.cfg.model.window)
+
+    def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; returns the global figures."""
+        labels = torch.tensor([float(sum(b.num_labels() for b in batches))], dtype=torch.float64)
+        dist.all_reduce(labels)
+        global_labels = labels.item()
+        loss_scale = self.dims.dp / global_labels  # FSDP averages over dp: see parallel/data_parallel.py
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                    else contextlib.nullcontext())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(batches):
+            self.model.set_requires_gradient_sync(i == len(batches) - 1)
+            batch = batch.to(self.device)
+            with autocast:
+                logits = self.model(batch.tokens, batch.positions, self.attention_for(batch))
+            loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum")
+            (loss * loss_scale).backward()
+            loss_sum += loss.detach().double()
+        lr = self.scheduler.get_last_lr()[0]
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        figures = torch.tensor([loss_sum.item(), sum(b.num_tokens for b in batches),
+                                training_flops(self.cfg.model, [n for b in batches for n in b.doc_lengths()])],
+                               dtype=torch.float64)
+        dist.all_reduce(figures)
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        return {"loss": figures[0].item() / global_labels, "tokens": int(figures[1].item()),
+                "flops": figures[2].item(), "grad_norm": float(norm), "lr": lr}
+
+    def fit(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Trains to max_steps (or run_steps more); `on_step(step)` runs after each step."""
+        cfg = self.cfg
+        log0(f"model: {num_params(self.model) / 1e6:.2f}M parameters, {str(self.dtype).split('.')[-1]} compute, "
+             f"attention backend '{self.backend.name}', layout dp={self.dims.dp}, device {self.device.type}")
+        start = self.resume()
+        if self.rank == 0:
+            cfg.run_path.mkdir(parents=True, exist_ok=True)
+            (cfg.run_path / "config.yaml").write_text(dump_config(cfg))
+        writer = MetricsWriter(cfg.run_path, start, cfg.train.max_steps, cfg.train.log_every) if self.rank == 0 else None
+        stop_at = cfg.train.max_steps if not cfg.train.run_steps else min(cfg.train.max_steps, start + cfg.train.run_steps)
+        losses = []
+        try:
+            while self.progress.step < stop_at:
+                t0 = time.perf_counter()
+                self.loader.wait_s = 0.0
+                batches = self.loader.next_step()
+                result = self.train_step(batches)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t0
+                self.progress.step += 1
+                losses.append(result["loss"])
+                flops_per_device = result["flops"] / dist.get_world_size()
+                record = {
+                    "step": self.progress.step, "loss": result["loss"], "tokens": result["tokens"],
+                    "tokens_per_s": result["tokens"] / elapsed,
+                    "mfu": flops_per_device / elapsed / (self.peak * 1e12) if self.peak else None,
+                    "peak_mem_gb": peak_memory_gb(self.device), "data_wait_frac": self.loader.wait_s / elapsed,
+                    "lr": result["lr"], "grad_norm": result["grad_norm"], "step_time_s": elapsed,
+                }
+                if writer:
+                    writer.write(record)
+                self.checkpointer.wait()  # an async save started last step is finalised here
+                if self.progress.step % cfg.checkpoint.every == 0 or self.progress.step == stop_at:
+                    self.save()
+                if on_step:
+                    on_step(self.progress.step)
+            self.checkpointer.wait()
+        finally:
+            self.loader.close()
+            if writer:
+                writer.close()
+        plot = plot_loss(cfg.run_path) if self.rank == 0 and losses else None
+        return {"start_step": start, "step": self.progress.step, "max_steps": cfg.train.max_steps,
+                "losses": losses, "loss_plot": str(plot) if plot else None}
+
+
+def train(cfg: JobConfig) -> dict[str, Any]:
+    """Entry point of every worker."""
+    return Trainer(cfg).fit()

@@ -1,0 +1,140 @@
+"""Step metrics: FLOPs and MFU, memory, the run's metrics.jsonl, TensorBoard and the loss plot.
+
+metrics.jsonl holds one JSON object per step (`step`, `loss`, `tokens`, `tokens_per_s`, `mfu`,
+`peak_mem_gb`, `data_wait_frac`, `lr`, `grad_norm`, `step_time_s`). On resume the lines after
+the resumed step are dropped, so the file always describes one consistent history.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import ModelConfig
+
+# Dense bf16 peak per device (TFLOP/s) for MFU, by a substring of the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_tflops(device: torch.device, configured: float) -> float | None:
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def training_flops(cfg: ModelConfig, doc_lengths: list[int]) -> float:
+    """Model FLOPs of forward + backward for documents of these lengths (causal, no recompute).
+
+    Matmuls: 6 · (non-embedding parameters + output layer) per token. Attention scores and
+    values: 2 matmuls × 2 FLOPs × head_dim × heads per visible (query, key) pair, ×3 for backward;
+    a causal document of length L has L(L+1)/2 visible pairs (fewer under a sliding window).
+    """
+    d, hd = cfg.dim, cfg.head_dim
+    per_layer = d * (cfg.n_heads * hd) * 2 + d * (cfg.n_kv_heads * hd) * 2 + 3 * d * cfg.hidden_dim
+    dense = cfg.n_layers * per_layer + d * cfg.vocab_size
+    tokens = sum(doc_lengths)
+    pairs = 0
+    for length in doc_lengths:
+        if cfg.window and cfg.window < length:
+            w = cfg.window
+            pairs += w * (w + 1) // 2 + (length - w) * w
+        else:
+            pairs += length * (length + 1) // 2
+    attention = 3 * 4 * cfg.n_heads * hd * cfg.n_layers * pairs
+    return 6.0 * dense * tokens + attention
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 2**20
+
+
+class MetricsWriter:
+    """Rank 0's record of the run: metrics.jsonl, TensorBoard events, console lines."""
+
+    def __init__(self, run_path: Path, resumed_step: int, total_steps: int, log_every: int):
+        self.path = run_path / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.log_every = log_every
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resumed_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = self.path.open("a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(run_path / "tb"), purge_step=resumed_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"train/{key}", value, step)
+        if step % self.log_every == 0 or step == self.total_steps or step == 1:
+            print(format_line(record, self.total_steps), flush=True)
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+
+
+def format_line(r: dict[str, Any], total_steps: int) -> str:
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    return (f"step {r['step']:>5}/{total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"grad {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
+            f"mem {r['peak_mem_gb']:.2f} GB | data wait {100 * r['data_wait_frac']:.1f}%")
+
+
+def read_metrics(run_path: Path) -> list[dict[str, Any]]:
+    path = Path(run_path) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def plot_loss(run_path: Path) -> Path | None:
+    records = read_metrics(run_path)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, [r["loss"] for r in records], lw=1, alpha=0.5, label="loss")
+    k = max(1, len(records) // 50)
+    smooth = [sum(r["loss"] for r in records[max(0, i - k): i + 1]) / len(records[max(0, i - k): i + 1])
+              for i in range(len(records))]
+    ax.plot(steps, smooth, lw=2, label=f"mean of {k + 1} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(f"{Path(run_path).name}: training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_path) / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def log0(*args: Any) -> None:
+    """Prints from rank 0 only."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True, file=sys.stdout)

@@ -1,0 +1,139 @@
+"""Length-bucketed packing of documents into token-budget micro-batches, with one global state.
+
+An epoch's plan is a pure function of (document lengths, context length, token budget, bucket
+edges, seed, epoch): documents longer than the context are split into pieces at the context
+length; pieces are shuffled, grouped by length bucket and packed in order into micro-batches of
+at most `tokens_per_microbatch` tokens; the micro-batches are shuffled again. Optimizer steps
+consume `global_microbatches` micro-batches each from one stream that runs across epochs.
+
+The state is global — (epoch, cursor) in units of micro-batches — never per rank, so a run
+saved on one number of data-parallel ranks resumes on another without skipping or repeating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from trainer.stats import power_of_two_edges
+
+
+@dataclass(frozen=True)
+class Piece:
+    doc: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Pieces of one epoch and their packing: micro-batch i holds pieces order[bounds[i]:bounds[i+1]]."""
+
+    doc: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    order: np.ndarray
+    bounds: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def microbatch(self, i: int) -> list[Piece]:
+        idx = self.order[self.bounds[i]: self.bounds[i + 1]]
+        return [Piece(int(self.doc[j]), int(self.start[j]), int(self.length[j])) for j in idx]
+
+
+def split_into_pieces(lengths: np.ndarray, context_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc, start, length) of every piece when documents are cut at the context length."""
+    counts = -(-lengths // context_len)
+    doc = np.repeat(np.arange(lengths.size), counts)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    index_in_doc = np.arange(doc.size) - np.repeat(first, counts)
+    start = index_in_doc * context_len
+    length = np.minimum(lengths[doc] - start, context_len)
+    return doc, start, length
+
+
+def pack_in_order(lengths: np.ndarray, budget: int) -> np.ndarray:
+    """Greedy fill in the given order; returns micro-batch bounds over that order."""
+    bounds = [0]
+    used = 0
+    for i, n in enumerate(lengths.tolist()):
+        if used + n > budget:
+            bounds.append(i)
+            used = 0
+        used += n
+    bounds.append(len(lengths))
+    return np.asarray(bounds, dtype=np.int64)
+
+
+class PackedSampler:
+    def __init__(self, lengths: np.ndarray, context_len: int, tokens_per_microbatch: int,
+                 global_microbatches: int, seed: int = 0, bucket_edges: list[int] | None = None,
+                 dataset_fingerprint: str = ""):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if self.lengths.size == 0:
+            raise ValueError("the dataset has no documents")
+        self.context_len = context_len
+        self.budget = tokens_per_microbatch
+        self.global_microbatches = global_microbatches
+        self.seed = seed
+        self.edges = np.asarray(bucket_edges or power_of_two_edges(context_len))
+        self.pieces = split_into_pieces(self.lengths, context_len)
+        self.epoch = 0
+        self.cursor = 0
+        key = f"{dataset_fingerprint}|{self.lengths.size}|{int(self.lengths.sum())}|{context_len}|" \
+              f"{tokens_per_microbatch}|{self.edges.tolist()}|{seed}"
+        self.fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self._plan = lru_cache(maxsize=2)(self._make_plan)
+
+    def _make_plan(self, epoch: int) -> EpochPlan:
+        doc, start, length = self.pieces
+        rng = np.random.default_rng([self.seed, epoch])
+        bucket = np.searchsorted(self.edges, length, side="left")
+        order = np.lexsort((rng.random(doc.size), bucket))  # by bucket, shuffled inside each
+        bounds = pack_in_order(length[order], self.budget)
+        perm = rng.permutation(len(bounds) - 1)
+        sizes = np.diff(bounds)[perm]
+        new_bounds = np.concatenate([[0], np.cumsum(sizes)])
+        segments = [order[bounds[i]: bounds[i + 1]] for i in perm]
+        return EpochPlan(doc, start, length, np.concatenate(segments), new_bounds)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return self._plan(epoch)
+
+    def take(self, epoch: int, cursor: int, count: int) -> tuple[list[list[Piece]], int, int]:
+        """`count` micro-batches from (epoch, cursor) on; returns them and the state after."""
+        out: list[list[Piece]] = []
+        while len(out) < count:
+            plan = self.plan(epoch)
+            if cursor >= len(plan):
+                epoch, cursor = epoch + 1, 0
+                continue
+            out.append(plan.microbatch(cursor))
+            cursor += 1
+        return out, epoch, cursor
+
+    def next_step(self) -> list[list[Piece]]:
+        """The global micro-batches of the next optimizer step; advances the state."""
+        batches, self.epoch, self.cursor = self.take(self.epoch, self.cursor, self.global_microbatches)
+        return batches
+
+    @staticmethod
+    def shard(batches: list[list[Piece]], rank: int, world: int) -> list[list[Piece]]:
+        """This data-parallel rank's share of a step's micro-batches (strided)."""
+        if len(batches) % world:
+            raise ValueError(f"{len(batches)} micro-batches per step do not divide over {world} ranks")
+        return batches[rank::world]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError("the dataset or packing settings (context_len, tokens_per_microbatch, bucket_edges, "
+                             "seed) differ from the checkpoint's; an exact resume is impossible")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
