@@ -1,8 +1,10 @@
 """`ParallelDims`: the parallel layout (pp × dp × sp × tp), its validation and its process groups.
 
 One object validates a layout against the world size and the model before any worker starts,
-and builds the device mesh once per worker. Mesh order, outer → inner: pp, dp, sp, tp, so that
-tp and sp ranks are neighbours (inside one node). Nothing else in Loom calls `new_group`.
+and builds the device mesh once per worker. Mesh order, outer → inner: pp, dp, sp, tp, with sp
+itself split into ring × ulysses, so that tp and Ulysses ranks are neighbours (inside one node)
+and the ring spans the rest. FSDP shards over dp × sp (SP ranks hold replicas of the weights).
+Nothing else in Loom calls `new_group`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from parallel.sequence_parallel import SPGroups, split_degree
+from parallel.ulysses import check_heads
 from trainer.config import ConfigError, JobConfig
 
-IMPLEMENTED = {"tp": 1, "pp": 1, "sp": 1}  # degrees above these are not built yet
+IMPLEMENTED = {"tp": 1, "pp": 1}  # degrees above these are not built yet
+
+
+def auto_ulysses(degree: int, n_heads: int, n_kv_heads: int, tp: int) -> int:
+    """The largest Ulysses size < degree that divides it and fits the heads (1 if none)."""
+    for u in range(degree - 1, 1, -1):
+        if degree % u == 0 and n_heads % (u * tp) == 0 and (n_kv_heads % u == 0 or u % n_kv_heads == 0):
+            return u
+    return 1
 
 
 @dataclass
@@ -23,27 +35,44 @@ class ParallelDims:
     dp: int
     pp: int = 1
     tp: int = 1
-    sp: int = 1
-    world: int = 0
+    ring: int = 1
+    ulysses: int = 1
+    sp_method: str = "ring"
     mesh: DeviceMesh | None = field(default=None, repr=False)
     checkpoint_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    ring_reverse_group: dist.ProcessGroup | None = field(default=None, repr=False)
+
+    @property
+    def sp(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.sp * self.tp
 
     @classmethod
     def from_config(cls, cfg: JobConfig, world: int | None = None) -> "ParallelDims":
         """Resolves dp = -1 and validates the whole layout; raises ConfigError with one line."""
-        p = cfg.parallel
+        p, m = cfg.parallel, cfg.model
         world = cfg.cluster.workers if world is None else world
-        inner = p.pp * p.tp * p.sp.degree
         for name, degree in (("tp", p.tp), ("pp", p.pp), ("sp.degree", p.sp.degree)):
             if degree < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {degree}")
+        inner = p.pp * p.tp * p.sp.degree
         if world % inner:
             raise ConfigError(f"{world} workers cannot hold pp={p.pp} × tp={p.tp} × sp={p.sp.degree}")
         dp = world // inner if p.dp == -1 else p.dp
         if dp < 1 or dp * inner != world:
             raise ConfigError(f"layout dp={dp} × pp={p.pp} × tp={p.tp} × sp={p.sp.degree} "
                               f"does not multiply to {world} workers")
-        dims = cls(dp=dp, pp=p.pp, tp=p.tp, sp=p.sp.degree, world=world)
+        ulysses = p.sp.ulysses or auto_ulysses(p.sp.degree, m.n_heads, m.n_kv_heads, p.tp)
+        try:
+            ring, ulysses = split_degree(p.sp.method, p.sp.degree, ulysses)
+            if ulysses > 1:
+                check_heads(m.n_heads, m.n_kv_heads, ulysses)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        dims = cls(dp=dp, pp=p.pp, tp=p.tp, ring=ring, ulysses=ulysses, sp_method=p.sp.method)
         dims.check_model(cfg)
         if cfg.train.global_microbatches % dp:
             raise ConfigError(f"train.global_microbatches={cfg.train.global_microbatches} "
@@ -51,30 +80,56 @@ class ParallelDims:
         for name, limit in IMPLEMENTED.items():
             if getattr(dims, name) > limit:
                 raise ConfigError(f"parallel.{name}={getattr(dims, name)} is not supported in this version of Loom")
+        if p.sp.mode != "static" and dims.sp > 1:
+            raise ConfigError(f"parallel.sp.mode={p.sp.mode} is not supported in this version of Loom")
         return dims
 
     def check_model(self, cfg: JobConfig) -> None:
         m = cfg.model
-        if m.n_heads % self.tp:
-            raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by tp={self.tp}")
+        if m.n_heads % (self.tp * self.ulysses):
+            raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by tp × ulysses = {self.tp * self.ulysses}")
         if m.n_layers % self.pp:
             raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by pp={self.pp}")
         if m.n_kv_heads % self.tp and self.tp % m.n_kv_heads:
             raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} and tp={self.tp}: one must divide the other")
 
     def build(self, device: torch.device) -> "ParallelDims":
-        """Creates the device mesh and every process group (call once per worker)."""
+        """Creates the device mesh and every process group (call once per worker, on every rank)."""
         if dist.get_world_size() != self.world:
             raise RuntimeError(f"layout expects {self.world} ranks, the process group has {dist.get_world_size()}")
-        shape = (self.pp, self.dp, self.sp, self.tp)
-        self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", "dp", "sp", "tp"))
+        shape = (self.pp, self.dp, self.ring, self.ulysses, self.tp)
+        self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", "dp", "ring", "ulysses", "tp"))
+        self.mesh["ring", "ulysses"]._flatten("sp")
+        self.mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
         self.checkpoint_group = dist.new_group(backend="gloo")
+        if self.ring > 1:  # a second communicator per ring, so the two directions never queue behind each other
+            ranks = self.mesh.mesh.movedim(2, -1).reshape(-1, self.ring)
+            for ring_ranks in ranks.tolist():
+                group = dist.new_group(ring_ranks)
+                if dist.get_rank() in ring_ranks:
+                    self.ring_reverse_group = group
         return self
+
+    def describe(self) -> str:
+        sp = f"sp={self.sp} ({self.sp_method}" + (f", ring {self.ring} × ulysses {self.ulysses})"
+                                                  if self.sp_method == "hybrid" else ")")
+        return " × ".join(p for p in (f"dp={self.dp}", f"tp={self.tp}" if self.tp > 1 else "",
+                                      f"pp={self.pp}" if self.pp > 1 else "", sp if self.sp > 1 else "") if p)
 
     @property
     def dp_mesh(self) -> DeviceMesh:
         return self.mesh["dp"]
 
     @property
+    def fsdp_mesh(self) -> DeviceMesh:
+        return self.mesh["dp_sp"]
+
+    @property
     def dp_rank(self) -> int:
         return self.dp_mesh.get_local_rank()
+
+    def sp_groups(self) -> SPGroups:
+        return SPGroups(self.ring, self.ulysses, self.mesh["ring"].get_local_rank(),
+                        self.mesh["ulysses"].get_local_rank(), self.mesh["ring"].get_group(),
+                        self.ring_reverse_group, self.mesh["ulysses"].get_group(),
+                        bidirectional=self.sp_method == "ring_bidir")

@@ -25,7 +25,7 @@ from launch.distributed import free_port, init_distributed, shutdown_distributed
 def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(1)
     try:
-        init_distributed(rank, world, "127.0.0.1", port, timeout_s=120)
+        init_distributed(rank, world, "127.0.0.1", port, timeout_s=int(os.environ.get("LOOM_TEST_TIMEOUT", "120")))
         result = fn(rank, world, *args)
         torch.save({"ok": result}, Path(out_dir) / f"rank{rank}.pt")
         shutdown_distributed()
@@ -51,13 +51,12 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
                         p.kill()
         for p in procs:
             p.join()
-        results = []
-        for r in range(world):
-            path = Path(out) / f"rank{r}.pt"
-            if not path.exists():
-                raise RuntimeError(f"rank {r} died (exit code {procs[r].exitcode}) without a result")
-            item = torch.load(path, weights_only=False)
-            if "error" in item:
+        items = [torch.load(Path(out) / f"rank{r}.pt", weights_only=False)
+                 if (Path(out) / f"rank{r}.pt").exists() else None for r in range(world)]
+        for r, item in enumerate(items):  # a traceback explains more than a killed rank
+            if item is not None and "error" in item:
                 raise RuntimeError(f"rank {r} failed:\n{item['error']}")
-            results.append(item["ok"])
-        return results
+        for r, item in enumerate(items):
+            if item is None:
+                raise RuntimeError(f"rank {r} died (exit code {procs[r].exitcode}) without a result")
+        return [item["ok"] for item in items]

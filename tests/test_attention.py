@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.attention import BlockMask, LocalAttention, Span, block_attention, select_backend
+from parallel.attention import BlockMask, LocalAttention, block_attention, select_backend
 
 BACKENDS = ["math", "cpu_flash"]
 
@@ -63,21 +63,36 @@ def test_fp32_matches_fp64_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_without_visible_keys(backend):
-    """Queries that precede every key (a later ring block) see nothing: out 0, lse −inf, no NaN."""
+    """6 queries over 3 keys, causal, bottom-right aligned: queries 0-2 see nothing; out 0, lse −inf."""
     q, k, v, _ = inputs([12])
-    qspan = Span(doc=torch.zeros(6, dtype=torch.int32), pos=torch.arange(6))
-    kspan = Span(doc=torch.zeros(6, dtype=torch.int32), pos=torch.arange(3, 9))
-    mask = BlockMask(qspan, kspan, causal=True)
+    q, k, v = q[:6], k[:3], v[:3]
+    mask = BlockMask(torch.tensor([0, 6], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), 6, 3)
     be = select_backend(backend, "cpu")
-    out, lse = be.forward(q[:6].detach(), k[:6].detach(), v[:6].detach(), mask, 0.25)
+    out, lse = be.forward(q.detach(), k.detach(), v.detach(), mask, 0.25)
     assert torch.isneginf(lse[:, :3]).all() and torch.isfinite(lse[:, 3:]).all()
     assert (out[:3] == 0).all() and torch.isfinite(out).all()
-    o = block_attention(q[:6], k[:6], v[:6], be, mask, 0.25)
+    o = block_attention(q, k, v, be, mask, 0.25)
     dq, dk, dv = grads(o, (q, k, v))
     assert all(torch.isfinite(x).all() for x in (dq, dk, dv)) and (dq[:3] == 0).all()
-    m_out, m_lse = select_backend("math", "cpu").forward(q[:6].detach(), k[:6].detach(), v[:6].detach(), mask, 0.25)
+    m_out, m_lse = select_backend("math", "cpu").forward(q.detach(), k.detach(), v.detach(), mask, 0.25)
     torch.testing.assert_close(out, m_out)
     torch.testing.assert_close(lse, m_lse)
+
+
+def test_dense_mask_follows_flash_conventions():
+    """Bottom-right alignment, causal, and windows, against positions written out by hand."""
+    cu_q = torch.tensor([0, 4, 6], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 8], dtype=torch.int32)
+    # sequence 0: 4 queries at positions 2..5 over 6 keys at 0..5; sequence 1: 2 queries over 2 keys
+    for causal, left, right in [(True, -1, -1), (True, 1, -1), (False, -1, -1), (False, 1, 0), (False, 2, 1)]:
+        got = BlockMask(cu_q, cu_k, 4, 6, causal, left, right).dense()
+        want = torch.zeros(6, 8, dtype=torch.bool)
+        for qi, (seq, qpos) in enumerate([(0, 2), (0, 3), (0, 4), (0, 5), (1, 0), (1, 1)]):
+            for kj, (kseq, kpos) in enumerate([(0, p) for p in range(6)] + [(1, 0), (1, 1)]):
+                r = 0 if causal else right
+                ok = seq == kseq and (r < 0 or kpos <= qpos + r) and (left < 0 or kpos >= qpos - left)
+                want[qi, kj] = ok
+        assert torch.equal(got, want), (causal, left, right)
 
 
 def test_unknown_or_unavailable_backend():
@@ -86,3 +101,5 @@ def test_unknown_or_unavailable_backend():
     with pytest.raises(ValueError, match="not available here"):
         select_backend("nope", "cpu")
     assert select_backend("auto", "cpu").name == "cpu_flash"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        select_backend("cudnn", "cpu")

@@ -93,6 +93,7 @@ class CheckpointConfig:
 class SequenceParallelConfig:
     degree: int = 1
     method: str = "ring"  # ring | ring_bidir | ulysses | hybrid
+    ulysses: int = 0  # hybrid only: Ulysses ranks inside each ring rank; 0 = the largest that fits the heads
     mode: str = "static"  # static | adaptive
 
 

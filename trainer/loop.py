@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from parallel.attention import LocalAttention, select_backend
 from parallel.data_parallel import apply_fsdp
 from parallel.mesh import ParallelDims
+from parallel.sequence_parallel import SequenceParallelAttention, make_layout
 from trainer.checkpoint import Checkpointer, ModelAndOptimizer
 from trainer.config import JobConfig, dump_config
 from trainer.dataset import TokenDataset
@@ -68,7 +69,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model).to(self.device)
         self.dtype = compute_dtype(cfg, self.device)
-        self.model = apply_fsdp(model, self.dims.dp_mesh, param_dtype=self.dtype)
+        self.model = apply_fsdp(model, self.dims.fsdp_mesh, param_dtype=self.dtype)
+        self.sp_groups = self.dims.sp_groups() if self.dims.sp > 1 else None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.backend = select_backend(cfg.model.attention_backend, self.device)
@@ -98,23 +100,33 @@ class Trainer:
     def save(self) -> None:
         self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict())
 
-    def attention_for(self, batch: PackedBatch) -> LocalAttention:
-        return LocalAttention(self.backend, batch.cu_seqlens, batch.max_seqlen, window=self.cfg.model.window)
+    def shard(self, batch: PackedBatch) -> tuple[PackedBatch, Callable]:
+        """This rank's tokens of a micro-batch and the attention that sees the rest of it."""
+        window = self.cfg.model.window
+        if self.sp_groups is None:
+            return batch, LocalAttention(self.backend, batch.cu_seqlens, batch.max_seqlen, window=window)
+        layout = make_layout(batch.doc_lengths(), self.sp_groups, window=window, device=self.device)
+        idx = torch.from_numpy(layout.indices(self.sp_groups.rank)).to(self.device)
+        local = PackedBatch(batch.tokens[idx], batch.labels[idx], batch.positions[idx], batch.cu_seqlens,
+                            batch.max_seqlen, batch.pieces)
+        return local, SequenceParallelAttention(layout, self.sp_groups, self.backend)
 
     def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches; returns the global figures."""
-        labels = torch.tensor([float(sum(b.num_labels() for b in batches))], dtype=torch.float64)
+        full_flops = training_flops(self.cfg.model, [n for b in batches for n in b.doc_lengths()])
+        shards = [self.shard(b.to(self.device)) for b in batches]
+        labels = torch.tensor([float(sum(b.num_labels() for b, _ in shards))], dtype=torch.float64)
         dist.all_reduce(labels)
         global_labels = labels.item()
-        loss_scale = self.dims.dp / global_labels  # FSDP averages over dp: see parallel/data_parallel.py
+        # FSDP averages over its dp × sp ranks: see parallel/data_parallel.py
+        loss_scale = self.dims.dp * self.dims.sp / global_labels
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, batch in enumerate(batches):
-            self.model.set_requires_gradient_sync(i == len(batches) - 1)
-            batch = batch.to(self.device)
+        for i, (batch, attend) in enumerate(shards):
+            self.model.set_requires_gradient_sync(i == len(shards) - 1)
             with autocast:
-                logits = self.model(batch.tokens, batch.positions, self.attention_for(batch))
+                logits = self.model(batch.tokens, batch.positions, attend)
             loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum")
             (loss * loss_scale).backward()
             loss_sum += loss.detach().double()
@@ -124,8 +136,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        figures = torch.tensor([loss_sum.item(), sum(b.num_tokens for b in batches),
-                                training_flops(self.cfg.model, [n for b in batches for n in b.doc_lengths()])],
+        figures = torch.tensor([loss_sum.item(), sum(b.num_tokens for b, _ in shards), full_flops / self.dims.sp],
                                dtype=torch.float64)
         dist.all_reduce(figures)
         norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -136,7 +147,7 @@ class Trainer:
         """Trains to max_steps (or run_steps more); `on_step(step)` runs after each step."""
         cfg = self.cfg
         log0(f"model: {num_params(self.model) / 1e6:.2f}M parameters, {str(self.dtype).split('.')[-1]} compute, "
-             f"attention backend '{self.backend.name}', layout dp={self.dims.dp}, device {self.device.type}")
+             f"attention backend '{self.backend.name}', layout {self.dims.describe()}, device {self.device.type}")
         start = self.resume()
         if self.rank == 0:
             cfg.run_path.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from parallel.attention.backends import AttentionBackend, select_backend
-from parallel.attention.mask import BlockMask, Span
+from parallel.attention.mask import BlockMask
 
-__all__ = ["AttentionBackend", "BlockMask", "LocalAttention", "Span", "block_attention", "select_backend"]
+__all__ = ["AttentionBackend", "BlockMask", "LocalAttention", "block_attention", "select_backend"]
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -42,9 +42,8 @@ class LocalAttention:
 
     def __init__(self, backend: AttentionBackend, cu_seqlens: torch.Tensor, max_seqlen: int,
                  window: int = 0, causal: bool = True):
-        span = Span.from_cu_seqlens(cu_seqlens, max_seqlen)
         self.backend = backend
-        self.mask = BlockMask(span, span, causal=causal, window=window)
+        self.mask = BlockMask.packed(cu_seqlens, max_seqlen, causal=causal, window=window)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return block_attention(q, k, v, self.backend, self.mask)

@@ -2,7 +2,8 @@
 
 Shapes: q [Tq, Hq, D], k and v [Tk, Hkv, D] with Hq a multiple of Hkv (GQA, never repeated
 before a kernel that handles it); out [Tq, Hq, D] in q's dtype; lse [Hq, Tq] in fp32 (fp64 for
-fp64 inputs), −inf on rows that see no key (their output is 0).
+fp64 inputs), −inf on rows that see no key (their output is 0). q and k are the rows the mask
+describes (a caller applies `BlockMask.q_rows` / `k_rows` before the call).
 
 Backends, fastest first: cuDNN, flash-attn (package), torch's flash op, the CPU flash op, math.
 `select_backend` picks one for the device at start-up; a config may force one.
@@ -135,34 +136,75 @@ class CpuFlashBackend(AttentionBackend):
         return q.dtype if q.dtype == torch.float64 else torch.float32
 
 
+def _finite_lse_for_kernel(lse: torch.Tensor) -> torch.Tensor:
+    """Flash kernels mark rows that see no key with lse = +inf (so exp(s − lse) = 0 in backward)."""
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
 class FlashVarlenBackend(AttentionBackend):
-    """torch's CUDA flash op with cu_seqlens (packed documents) and native GQA and windows."""
+    """torch's CUDA flash op with cu_seqlens (packed documents), native GQA and windows."""
 
     name = "flash"
     varlen = True
 
-    def _window(self, mask: BlockMask) -> tuple[int, int]:
-        left = mask.window - 1 if mask.window else -1
-        return left, (0 if mask.causal else (mask.window - 1 if mask.window else -1))
-
     def forward(self, q, k, v, mask, scale):
-        left, right = self._window(mask)
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            q, k, v, mask.q.cu_seqlens, mask.k.cu_seqlens, mask.q.max_seqlen, mask.k.max_seqlen,
-            0.0, mask.causal, False, scale=scale, window_size_left=left, window_size_right=right)
-        return out, lse
+            q, k, v, mask.cu_q, mask.cu_k, mask.max_q, mask.max_k, 0.0, mask.causal, False, scale=scale,
+            window_size_left=mask.window_left, window_size_right=0 if mask.causal else mask.window_right)
+        return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
 
     def backward(self, dout, q, k, v, out, lse, mask, scale):
-        left, right = self._window(mask)
+        unused = torch.empty(0, device=q.device)
+        rng = torch.zeros(2, dtype=torch.int64, device=q.device)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, _finite_lse_for_kernel(lse).contiguous(), mask.cu_q, mask.cu_k, mask.max_q,
+            mask.max_k, 0.0, mask.causal, rng, unused, scale=scale,
+            window_size_left=mask.window_left, window_size_right=0 if mask.causal else mask.window_right)
+        return dq, dk, dv
+
+
+class CudnnBackend(AttentionBackend):
+    """cuDNN fused attention for blocks that are one dense sequence (≈ 1.8× the flash op on H200);
+    packed or windowed blocks go to the flash varlen op."""
+
+    name = "cudnn"
+    varlen = True
+
+    def __init__(self):
+        self.fallback = FlashVarlenBackend()
+
+    @staticmethod
+    def dense_block(mask: BlockMask) -> bool:
+        return mask.num_sequences == 1 and mask.window_left < 0 and (mask.causal or mask.window_right < 0)
+
+    @staticmethod
+    def _bhtd(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).unsqueeze(0)
+
+    def forward(self, q, k, v, mask, scale):
+        if not self.dense_block(mask):
+            return self.fallback.forward(q, k, v, mask, scale)
+        g = q.shape[1] // k.shape[1]
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            self._bhtd(q), self._bhtd(_repeat_kv(k, g)), self._bhtd(_repeat_kv(v, g)), None, True, 0.0,
+            mask.causal, False, scale=scale)
+        return out[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0])
+
+    def backward(self, dout, q, k, v, out, lse, mask, scale):
+        if not self.dense_block(mask):
+            return self.fallback.backward(dout, q, k, v, out, lse, mask, scale)
+        g = q.shape[1] // k.shape[1]
         empty = torch.empty(0, device=q.device)
-        return torch.ops.aten._flash_attention_backward(
-            dout, q, k, v, out, lse, mask.q.cu_seqlens, mask.k.cu_seqlens, mask.q.max_seqlen,
-            mask.k.max_seqlen, 0.0, mask.causal, empty, empty, scale=scale,
-            window_size_left=left, window_size_right=right)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            self._bhtd(dout), self._bhtd(q), self._bhtd(_repeat_kv(k, g)), self._bhtd(_repeat_kv(v, g)),
+            self._bhtd(out), lse.reshape(1, q.shape[1], q.shape[0], 1).contiguous(), empty, empty, empty, empty,
+            empty, q.shape[0], k.shape[0], 0.0, mask.causal, scale=scale)
+        dq, dk, dv = (x[0].transpose(0, 1) for x in (dq, dk, dv))
+        return dq, _fold_kv(dk, g), _fold_kv(dv, g)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
-    b.name: b for b in (MathBackend, CpuFlashBackend, FlashVarlenBackend)
+    b.name: b for b in (MathBackend, CpuFlashBackend, FlashVarlenBackend, CudnnBackend)
 }
 
 
@@ -170,7 +212,8 @@ def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
     """The backend to use on `device`: the named one, or for 'auto' the fastest that runs there."""
     device = torch.device(device)
     if name == "auto":
-        name = "flash" if device.type == "cuda" else "cpu_flash"
+        name = "cudnn" if device.type == "cuda" and torch.backends.cudnn.is_available() else (
+            "flash" if device.type == "cuda" else "cpu_flash")
     if name not in BACKENDS:
         raise ValueError(f"attention backend '{name}' is not available here (have: {', '.join(BACKENDS)})")
     if BACKENDS[name].varlen and device.type != "cuda":

@@ -1,9 +1,15 @@
-"""Which keys a query may see: document membership, causality and a sliding window.
+"""Which keys a query may see, described the way varlen attention kernels take it.
 
-A block of tokens is described by a `Span`: the document each token belongs to and its global
-position in the (packed) sequence. A `BlockMask` pairs a query span with a key span; kernels
-that take varlen boundaries read `cu_seqlens`, dense kernels read `dense()`. The same object
-serves a whole sequence (sp = 1) and the q/k blocks of a ring step.
+A `BlockMask` pairs the rows of a query block with the rows of a key block as a batch of
+independent sequences: sequence b has queries q[cu_q[b]:cu_q[b+1]] and keys k[cu_k[b]:cu_k[b+1]],
+and no query sees a key of another sequence. Inside a sequence the flash-attention convention
+holds: query i is aligned with key i + (n_k − n_q) (bottom-right); `causal` hides keys after
+that diagonal; a window keeps keys within [diag − window_left, diag + window_right] (−1 = no
+limit). Optional row selections (`q_rows`, `k_rows`) say which rows of the full q / k blocks take
+part; rows outside them get nothing from this block.
+
+CUDA kernels read this description directly; CPU kernels read `dense()`, built from it, so the
+CPU tests check exactly the metadata the GPU kernels receive.
 """
 
 from __future__ import annotations
@@ -12,55 +18,82 @@ from dataclasses import dataclass, field
 
 import torch
 
+Rows = slice | torch.Tensor | None  # None: every row
 
-@dataclass
-class Span:
-    doc: torch.Tensor  # [T] int32: document index of each token
-    pos: torch.Tensor  # [T] int64: global position of each token in the packed sequence
-    cu_seqlens: torch.Tensor | None = None  # [docs + 1] int32 when each document's tokens are contiguous
-    max_seqlen: int = 0
 
-    @staticmethod
-    def from_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int) -> "Span":
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device, dtype=torch.int32),
-                                      lengths.to(torch.int64))
-        pos = torch.arange(doc.numel(), device=cu_seqlens.device)
-        return Span(doc, pos, cu_seqlens, max_seqlen)
+def select_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    if rows is None:
+        return x
+    if isinstance(rows, slice):
+        return x[rows]
+    return x.index_select(0, rows)
 
-    def __len__(self) -> int:
-        return int(self.doc.numel())
+
+def count_rows(rows: Rows, total: int) -> int:
+    if rows is None:
+        return total
+    if isinstance(rows, slice):
+        return len(range(*rows.indices(total)))
+    return int(rows.numel())
 
 
 @dataclass
 class BlockMask:
-    q: Span
-    k: Span
+    cu_q: torch.Tensor  # [n + 1] int32
+    cu_k: torch.Tensor  # [n + 1] int32
+    max_q: int
+    max_k: int
     causal: bool = True
-    window: int = 0  # 0: unlimited
+    window_left: int = -1
+    window_right: int = -1
+    q_rows: Rows = None
+    k_rows: Rows = None
     _dense: torch.Tensor | None = field(default=None, repr=False)
     _additive: dict = field(default_factory=dict, repr=False)
 
+    @staticmethod
+    def packed(cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool = True, window: int = 0) -> "BlockMask":
+        """Attention inside each document of a packed stream (query and key rows are the same)."""
+        left = window - 1 if window else -1
+        return BlockMask(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal, left, 0 if causal else left)
+
     @property
-    def same_span(self) -> bool:
-        return self.q is self.k
+    def num_sequences(self) -> int:
+        return int(self.cu_q.numel()) - 1
 
     def dense(self) -> torch.Tensor:
-        """[Tq, Tk] bool, True where the query may attend to the key."""
+        """[Tq, Tk] bool over the selected rows, True where the query sees the key."""
         if self._dense is None:
-            qd, kd = self.q.doc[:, None], self.k.doc[None, :]
-            qp, kp = self.q.pos[:, None], self.k.pos[None, :]
-            visible = qd == kd
-            if self.causal:
-                visible &= qp >= kp
-            if self.window:
-                visible &= (qp - kp).abs() < self.window
-            self._dense = visible
+            self._dense = _dense_from_varlen(self)
         return self._dense
 
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
-        """[Tq, Tk] float: 0 where visible, -inf where masked (for kernels that add a bias)."""
+        """[Tq, Tk]: 0 where visible, −inf where hidden (for kernels that add a bias)."""
         if dtype not in self._additive:
-            bias = torch.zeros(self.dense().shape, dtype=dtype, device=self.q.doc.device)
+            bias = torch.zeros(self.dense().shape, dtype=dtype, device=self.cu_q.device)
             self._additive[dtype] = bias.masked_fill_(~self.dense(), float("-inf"))
         return self._additive[dtype]
+
+
+def _segment_ids(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence id, index within its sequence) of every row described by cu_seqlens."""
+    lengths = (cu[1:] - cu[:-1]).to(torch.int64)
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+    index = torch.arange(seq.numel(), device=cu.device) - cu[:-1].to(torch.int64)[seq]
+    return seq, index
+
+
+def _dense_from_varlen(m: BlockMask) -> torch.Tensor:
+    q_seq, qi = _segment_ids(m.cu_q)
+    k_seq, kj = _segment_ids(m.cu_k)
+    nq = (m.cu_q[1:] - m.cu_q[:-1]).to(torch.int64)[q_seq]
+    nk = (m.cu_k[1:] - m.cu_k[:-1]).to(torch.int64)[q_seq]
+    diag = (qi + nk - nq)[:, None]  # key index aligned with each query
+    kj = kj[None, :]
+    visible = q_seq[:, None] == k_seq[None, :]
+    right = 0 if m.causal else m.window_right
+    if right >= 0:
+        visible &= kj <= diag + right
+    if m.window_left >= 0:
+        visible &= kj >= diag - m.window_left
+    return visible
