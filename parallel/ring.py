@@ -31,14 +31,29 @@ from parallel.ring_comm import Exchange
 from parallel.sp_layout import Channel, RingSchedule, SequenceLayout
 
 
+def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+          block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running fp32 (out [T,H,D], lse [H,T]) merged with a block's, overflow-safe."""
+    weight = torch.sigmoid(block_lse - lse).nan_to_num(0.0)  # both −inf: nothing seen yet, nothing new
+    out = out - weight.transpose(0, 1).unsqueeze(-1) * (out - block_out)
+    merged = lse - F.logsigmoid(lse - block_lse)
+    return out, torch.where(torch.isneginf(lse), block_lse, merged)
+
+
+_fused_merge = None
+
+
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """Merges a block's (out [T,H,D], lse [H,T]) into the running fp32 pair, in place."""
-    diff = block_lse - lse
-    weight = torch.sigmoid(diff).nan_to_num_(0.0)  # both −inf: nothing seen yet, nothing new
-    out.sub_(weight.transpose(0, 1).unsqueeze(-1) * (out - block_out))
-    fresh = torch.isneginf(lse)
-    lse.sub_(F.logsigmoid(lse - block_lse))
-    lse.copy_(torch.where(fresh, block_lse, lse))
+    """In-place `merge`; on CUDA one compiled kernel (a few passes over fp32 [T,H,D] otherwise)."""
+    global _fused_merge
+    fn = merge
+    if out.is_cuda:
+        if _fused_merge is None:
+            _fused_merge = torch.compile(merge, dynamic=True)
+        fn = _fused_merge
+    new_out, new_lse = fn(out, lse, block_out, block_lse)
+    out.copy_(new_out)
+    lse.copy_(new_lse)
 
 
 def _merge_rows_(out: torch.Tensor, lse: torch.Tensor, rows: Rows, block_out: torch.Tensor,
@@ -108,8 +123,8 @@ def _post_kv(ring: RingContext, hop: int, held: dict, like: torch.Tensor) -> tup
 
 
 def ring_forward(q: torch.Tensor, kv: torch.Tensor, ring: RingContext, scale: float):
-    out = torch.zeros(q.shape, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=out.dtype, device=q.device)
+    acc_dtype = torch.float32 if q.dtype != torch.float64 else q.dtype
+    state: dict[str, torch.Tensor] = {}
 
     def compute(source: int, block: torch.Tensor) -> None:
         mask = ring.mask(source)
@@ -117,7 +132,13 @@ def ring_forward(q: torch.Tensor, kv: torch.Tensor, ring: RingContext, scale: fl
             return
         k, v = select_rows(block[0], mask.k_rows), select_rows(block[1], mask.k_rows)
         block_out, block_lse = ring.backend.forward(select_rows(q, mask.q_rows), k, v, mask, scale)
-        _merge_rows_(out, lse, mask.q_rows, block_out, block_lse)
+        if not state and mask.q_rows is None:  # the first block covering every row needs no merge
+            state["out"], state["lse"] = block_out.to(acc_dtype), block_lse.to(acc_dtype).contiguous()
+            return
+        if not state:
+            state["out"] = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+            state["lse"] = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc_dtype, device=q.device)
+        _merge_rows_(state["out"], state["lse"], mask.q_rows, block_out, block_lse)
 
     held = {ch: kv for ch in ring.schedule.channels}
     pending, incoming = _post_kv(ring, 1, held, kv)
@@ -129,7 +150,10 @@ def ring_forward(q: torch.Tensor, kv: torch.Tensor, ring: RingContext, scale: fl
             pending, incoming = _post_kv(ring, hop + 1, held, kv)
         for ch, block in held.items():
             compute(ch.source(ring.rank, hop), block)
-    return out.to(q.dtype), lse
+    if not state:  # this rank holds no query that sees any key (e.g. no tokens at all)
+        return (torch.zeros_like(q),
+                torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc_dtype, device=q.device))
+    return state["out"].to(q.dtype), state["lse"]
 
 
 def ring_backward(dout, q, kv, out, lse, ring: RingContext, scale: float):
@@ -148,6 +172,8 @@ def ring_backward(dout, q, kv, out, lse, ring: RingContext, scale: float):
                                                        else lse.index_select(1, mask.q_rows))
         bdq, bdk, bdv = ring.backend.backward(sel(dout), sel(q), k, v, sel(out), lse_rows, mask, scale)
         _add_rows_(dq, mask.q_rows, bdq)
+        if mask.k_rows is None:
+            return torch.stack((bdk, bdv)).to(acc_dtype)
         contrib = torch.zeros((2, *block.shape[1:]), dtype=acc_dtype, device=q.device)
         _add_rows_(contrib[0], mask.k_rows, bdk)
         _add_rows_(contrib[1], mask.k_rows, bdv)

@@ -25,7 +25,8 @@ from launch.distributed import free_port, init_distributed, shutdown_distributed
 def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(1)
     try:
-        init_distributed(rank, world, "127.0.0.1", port, timeout_s=int(os.environ.get("LOOM_TEST_TIMEOUT", "120")))
+        init_distributed(rank, world, "127.0.0.1", port, timeout_s=int(os.environ.get("LOOM_TEST_TIMEOUT", "120")),
+                         local_rank=rank)
         result = fn(rank, world, *args)
         torch.save({"ok": result}, Path(out_dir) / f"rank{rank}.pt")
         shutdown_distributed()

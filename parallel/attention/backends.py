@@ -165,17 +165,21 @@ class FlashVarlenBackend(AttentionBackend):
 
 class CudnnBackend(AttentionBackend):
     """cuDNN fused attention for blocks that are one dense sequence (≈ 1.8× the flash op on H200);
-    packed or windowed blocks go to the flash varlen op."""
+    packed or windowed blocks go to the flash varlen op. cuDNN's causal mask is top-left aligned,
+    so a causal block qualifies only when it is square (the ring's diagonal blocks are)."""
 
     name = "cudnn"
     varlen = True
 
     def __init__(self):
         self.fallback = FlashVarlenBackend()
+        self._aux: tuple | None = None  # (philox seed, philox offset, lse rank) from the forward op
 
     @staticmethod
     def dense_block(mask: BlockMask) -> bool:
-        return mask.num_sequences == 1 and mask.window_left < 0 and (mask.causal or mask.window_right < 0)
+        square = mask.max_q == mask.max_k
+        return (mask.num_sequences == 1 and mask.window_left < 0 and (mask.causal or mask.window_right < 0)
+                and (square or not mask.causal))
 
     @staticmethod
     def _bhtd(x: torch.Tensor) -> torch.Tensor:
@@ -185,20 +189,22 @@ class CudnnBackend(AttentionBackend):
         if not self.dense_block(mask):
             return self.fallback.forward(q, k, v, mask, scale)
         g = q.shape[1] // k.shape[1]
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             self._bhtd(q), self._bhtd(_repeat_kv(k, g)), self._bhtd(_repeat_kv(v, g)), None, True, 0.0,
             mask.causal, False, scale=scale)
+        self._aux = (seed, offset, lse.dim())
         return out[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0])
 
     def backward(self, dout, q, k, v, out, lse, mask, scale):
         if not self.dense_block(mask):
             return self.fallback.backward(dout, q, k, v, out, lse, mask, scale)
         g = q.shape[1] // k.shape[1]
-        empty = torch.empty(0, device=q.device)
+        seed, offset, lse_rank = self._aux
+        lse = lse.reshape(1, q.shape[1], q.shape[0], *([1] * (lse_rank - 3))).contiguous()
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             self._bhtd(dout), self._bhtd(q), self._bhtd(_repeat_kv(k, g)), self._bhtd(_repeat_kv(v, g)),
-            self._bhtd(out), lse.reshape(1, q.shape[1], q.shape[0], 1).contiguous(), empty, empty, empty, empty,
-            empty, q.shape[0], k.shape[0], 0.0, mask.causal, scale=scale)
+            self._bhtd(out), lse, seed, offset, None, None, None, q.shape[0], k.shape[0], 0.0, mask.causal,
+            scale=scale)
         dq, dk, dv = (x[0].transpose(0, 1) for x in (dq, dk, dv))
         return dq, _fold_kv(dk, g), _fold_kv(dv, g)
 
