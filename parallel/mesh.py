@@ -38,9 +38,13 @@ class ParallelDims:
     ring: int = 1
     ulysses: int = 1
     sp_method: str = "ring"
+    adaptive: bool = False  # sp.mode=adaptive: every step regroups all ranks into groups of ≤ sp ranks
     mesh: DeviceMesh | None = field(default=None, repr=False)
+    fsdp_mesh: DeviceMesh | None = field(default=None, repr=False)  # dp × sp flattened
     checkpoint_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    control_group: dist.ProcessGroup | None = field(default=None, repr=False)
     ring_reverse_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    slice_groups: dict = field(default_factory=dict, repr=False)  # (start, size) → group, adaptive mode
 
     @property
     def sp(self) -> int:
@@ -72,16 +76,21 @@ class ParallelDims:
                 check_heads(m.n_heads, m.n_kv_heads, ulysses)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        dims = cls(dp=dp, pp=p.pp, tp=p.tp, ring=ring, ulysses=ulysses, sp_method=p.sp.method)
+        adaptive = p.sp.mode == "adaptive"
+        if adaptive:
+            if p.sp.degree & (p.sp.degree - 1) or p.sp.method not in ("ring", "ulysses"):
+                raise ConfigError("adaptive SP needs a power-of-two parallel.sp.degree (the largest group) "
+                                  "and parallel.sp.method ring or ulysses")
+            if p.pp * p.tp > 1:
+                raise ConfigError("adaptive SP with tp or pp > 1 is not supported in this version of Loom")
+        dims = cls(dp=dp, pp=p.pp, tp=p.tp, ring=ring, ulysses=ulysses, sp_method=p.sp.method, adaptive=adaptive)
         dims.check_model(cfg)
-        if cfg.train.global_microbatches % dp:
+        if cfg.train.global_microbatches % dp and not adaptive:
             raise ConfigError(f"train.global_microbatches={cfg.train.global_microbatches} "
                               f"is not divisible by dp={dp}")
         for name, limit in IMPLEMENTED.items():
             if getattr(dims, name) > limit:
                 raise ConfigError(f"parallel.{name}={getattr(dims, name)} is not supported in this version of Loom")
-        if p.sp.mode != "static" and dims.sp > 1:
-            raise ConfigError(f"parallel.sp.mode={p.sp.mode} is not supported in this version of Loom")
         return dims
 
     def check_model(self, cfg: JobConfig) -> None:
@@ -99,9 +108,18 @@ class ParallelDims:
             raise RuntimeError(f"layout expects {self.world} ranks, the process group has {dist.get_world_size()}")
         shape = (self.pp, self.dp, self.ring, self.ulysses, self.tp)
         self.mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", "dp", "ring", "ulysses", "tp"))
-        self.mesh["ring", "ulysses"]._flatten("sp")
-        self.mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
+        self.fsdp_mesh = self.mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
         self.checkpoint_group = dist.new_group(backend="gloo")
+        self.control_group = dist.new_group(backend="gloo")
+        if self.adaptive:  # every aligned power-of-two slice of the ranks, created once
+            pool = self.pool()
+            size = 2
+            while size <= self.sp:
+                for start in range(0, len(pool), size):
+                    group = dist.new_group(pool[start: start + size])
+                    if dist.get_rank() in pool[start: start + size]:
+                        self.slice_groups[start, size] = group
+                size *= 2
         if self.ring > 1:  # a second communicator per ring, so the two directions never queue behind each other
             ranks = self.mesh.mesh.movedim(2, -1).reshape(-1, self.ring)
             for ring_ranks in ranks.tolist():
@@ -110,7 +128,13 @@ class ParallelDims:
                     self.ring_reverse_group = group
         return self
 
+    def pool(self) -> list[int]:
+        """Global ranks of the data × sequence parallel ranks, in mesh order (adaptive groups slice it)."""
+        return self.fsdp_mesh.mesh.flatten().tolist()
+
     def describe(self) -> str:
+        if self.adaptive:
+            return f"adaptive SP over {self.dp * self.sp} ranks (groups of 1–{self.sp}, {self.sp_method})"
         sp = f"sp={self.sp} ({self.sp_method}" + (f", ring {self.ring} × ulysses {self.ulysses})"
                                                   if self.sp_method == "hybrid" else ")")
         return " × ".join(p for p in (f"dp={self.dp}", f"tp={self.tp}" if self.tp > 1 else "",
@@ -119,10 +143,6 @@ class ParallelDims:
     @property
     def dp_mesh(self) -> DeviceMesh:
         return self.mesh["dp"]
-
-    @property
-    def fsdp_mesh(self) -> DeviceMesh:
-        return self.mesh["dp_sp"]
 
     @property
     def dp_rank(self) -> int:

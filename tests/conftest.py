@@ -21,6 +21,24 @@ def small_dataset(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def uneven_dataset(tmp_path_factory) -> Path:
+    """Standard-library text cut at lognormal lengths (median ≈ 120 bytes, long tail): documents of
+    very different lengths, as a .jsonl source."""
+    import json
+
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("uneven")
+    text = "".join(p.read_text() for p in sorted((STDLIB / "json").glob("*.py")))
+    cuts = np.cumsum(np.random.default_rng(0).lognormal(np.log(120), 1.0, 400).astype(int) + 1)
+    pieces = [text[a:b] for a, b in zip([0, *cuts[:-1]], cuts) if text[a:b].strip()]
+    src = folder / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": p}) + "\n" for p in pieces))
+    prepare(src, folder / "data", show_progress=False)
+    return folder / "data"
+
+
 def tiny_overrides(dataset: Path, run_dir: Path, name: str = "t") -> list[str]:
     """A tiny model and short micro-batches: each step takes well under a second on one core."""
     return [f"data.path={dataset}", f"run_dir={run_dir}", f"name={name}", "model=tiny",

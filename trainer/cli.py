@@ -1,4 +1,4 @@
-"""The `loom` command: prepare, stats, train.
+"""The `loom` command: prepare, stats, train, profile.
 
 Every mistake the user can make — a bad config, a missing dataset, an impossible layout — ends
 in one `loom: error: …` line and exit status 2 before any worker starts.
@@ -46,7 +46,16 @@ def check_job(cfg: JobConfig) -> None:
     if cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
                           f"vocabulary ({vocab}, {manifest['tokenizer']['name']})")
-    ParallelDims.from_config(cfg)
+    dims = ParallelDims.from_config(cfg)
+    if dims.adaptive:
+        import torch
+
+        from trainer.loop import adaptive_budget
+
+        _, budget = adaptive_budget(cfg, torch.device("cpu"))
+        if cfg.data.context_len > dims.sp * budget:
+            raise ConfigError(f"data.context_len={cfg.data.context_len:,} tokens fits no SP group: the largest "
+                              f"({dims.sp} ranks × {budget:,} tokens per rank) holds {dims.sp * budget:,}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -67,6 +76,13 @@ def describe_run(s: dict) -> str:
     if s["step"] < s["max_steps"]:
         text += f"\nstopped after train.run_steps; the same command resumes at step {s['step']}"
     return text
+
+
+def _profile(args: argparse.Namespace) -> None:
+    from parallel.planner.profile import run_profile
+
+    cfg = load_config(args.config, args.overrides)
+    run_profile(cfg, args.lengths, args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="train config YAML")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
     t.set_defaults(func=_train)
+
+    f = sub.add_parser("profile", help="fit the cost model's coefficients on this machine's device")
+    f.add_argument("config", help="train config YAML (its model is what gets timed)")
+    f.add_argument("overrides", nargs="*", help="key=value overrides")
+    f.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096],
+                   help="single-document lengths to time")
+    f.add_argument("--out", default="profile.json")
+    f.set_defaults(func=_profile)
     return parser
 
 

@@ -94,7 +94,9 @@ class SequenceParallelConfig:
     degree: int = 1
     method: str = "ring"  # ring | ring_bidir | ulysses | hybrid
     ulysses: int = 0  # hybrid only: Ulysses ranks inside each ring rank; 0 = the largest that fits the heads
-    mode: str = "static"  # static | adaptive
+    mode: str = "static"  # static | adaptive (degree = the largest group; every step regroups all ranks)
+    tokens_per_gpu: int = 0  # adaptive: activation budget per rank; 0 = from the cost model's memory estimate
+    solver_time_s: float = 1.0  # adaptive: time cap of the MILP that polishes the greedy plan; 0 = greedy only
 
 
 @dataclass
@@ -114,6 +116,7 @@ class ClusterConfig:
     timeout_s: int = 300  # collective timeout; a hung collective fails after this
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: looked up from the device name
     max_failures: int = 0
+    profile: str = "auto"  # hardware profile for the cost model: auto (by device), H200, H100, cpu, or a JSON file
 
 
 @dataclass

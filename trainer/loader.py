@@ -83,6 +83,7 @@ class StepLoader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.wait_s = 0.0  # time the trainer spent blocked on data since the last reset
+        self._peeked = None
 
     def _produce(self, epoch: int, cursor: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -106,7 +107,7 @@ class StepLoader:
                                         args=(self.sampler.epoch, self.sampler.cursor, self._queue, self._stop))
         self._thread.start()
 
-    def next_step(self) -> list[PackedBatch]:
+    def _fetch(self):
         if self._thread is None:
             self._start()
         t0 = time.perf_counter()
@@ -114,14 +115,26 @@ class StepLoader:
         self.wait_s += time.perf_counter() - t0
         if isinstance(item, Exception):
             raise item
+        return item
+
+    def next_step(self) -> list[PackedBatch]:
+        item = self._peeked or self._fetch()
+        self._peeked = None
         batches, self.sampler.epoch, self.sampler.cursor = item
         return batches
+
+    def peek(self) -> list[PackedBatch]:
+        """The step after the last one handed out, without handing it out (the state stays)."""
+        if self._peeked is None:
+            self._peeked = self._fetch()
+        return self._peeked[0]
 
     def close(self) -> None:
         if self._thread is not None:
             self._stop.set()
             self._thread.join(timeout=5)
             self._thread = None
+        self._peeked = None
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from parallel.attention import LocalAttention, select_backend
 from parallel.data_parallel import apply_fsdp
 from parallel.mesh import ParallelDims
+from parallel.planner.cost_model import CostModel, hardware_profile
 from parallel.sequence_parallel import SequenceParallelAttention, make_layout
+from trainer.adaptive_step import AdaptiveStep
 from trainer.checkpoint import Checkpointer, ModelAndOptimizer
 from trainer.config import JobConfig, dump_config
 from trainer.dataset import TokenDataset
@@ -69,8 +71,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model).to(self.device)
         self.dtype = compute_dtype(cfg, self.device)
-        self.model = apply_fsdp(model, self.dims.fsdp_mesh, param_dtype=self.dtype)
-        self.sp_groups = self.dims.sp_groups() if self.dims.sp > 1 else None
+        # adaptive groups run different numbers of micro-batches: gather once per step (see train_step)
+        self.model = apply_fsdp(model, self.dims.fsdp_mesh, param_dtype=self.dtype,
+                                reshard_after_forward=not self.dims.adaptive)
+        self.sp_groups = self.dims.sp_groups() if self.dims.sp > 1 and not self.dims.adaptive else None
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.backend = select_backend(cfg.model.attention_backend, self.device)
@@ -78,7 +82,13 @@ class Trainer:
         sampler = PackedSampler(dataset.lengths, cfg.data.context_len, cfg.data.tokens_per_microbatch,
                                 cfg.train.global_microbatches, cfg.data.seed, cfg.data.bucket_edges,
                                 dataset.fingerprint)
-        self.loader = StepLoader(dataset, sampler, self.dims.dp_rank, self.dims.dp, cfg.data.prefetch)
+        if self.dims.adaptive:  # every rank reads the whole step; the plan decides who runs what
+            self.loader = StepLoader(dataset, sampler, 0, 1, cfg.data.prefetch)
+            self.adaptive = AdaptiveStep(self.dims, self.backend, self.device, *adaptive_budget(cfg, self.device),
+                                         cfg.parallel.sp.solver_time_s, cfg.model.window)
+        else:
+            self.loader = StepLoader(dataset, sampler, self.dims.dp_rank, self.dims.dp, cfg.data.prefetch)
+            self.adaptive = None
         self.progress = Progress()
         self.checkpointer = Checkpointer(cfg.run_path / "checkpoints", cfg.checkpoint.keep_last,
                                          self.dims.checkpoint_group, cfg.checkpoint.async_save)
@@ -111,20 +121,37 @@ class Trainer:
                             batch.max_seqlen, batch.pieces)
         return local, SequenceParallelAttention(layout, self.sp_groups, self.backend)
 
-    def train_step(self, batches: list[PackedBatch]) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches; returns the global figures."""
-        full_flops = training_flops(self.cfg.model, [n for b in batches for n in b.doc_lengths()])
+    def static_work(self, batches: list[PackedBatch]):
+        """This rank's micro-batches (its SP share of its dp share), the step's label count, its FLOPs."""
         shards = [self.shard(b.to(self.device)) for b in batches]
         labels = torch.tensor([float(sum(b.num_labels() for b, _ in shards))], dtype=torch.float64)
         dist.all_reduce(labels)
-        global_labels = labels.item()
+        flops = training_flops(self.cfg.model, [n for b in batches for n in b.doc_lengths()]) / self.dims.sp
+        return shards, labels.item(), flops, {}
+
+    def adaptive_work(self, batches: list[PackedBatch]):
+        plan = self.adaptive.plan(batches, self.loader.peek)
+        step = [b.to(self.device) for b in batches]
+        items, lengths = self.adaptive.work(plan, step)
+        group = plan.group_of(self.adaptive.pool_rank)
+        flops = training_flops(self.cfg.model, lengths) / group.size if group and lengths else 0.0
+        info = {"sp_groups": plan.describe(), "predicted_s": plan.predicted_s, "solve_s": plan.solve_s,
+                "plan_gap": plan.gap, "solver": plan.solver}
+        return items, float(sum(b.num_labels() for b in batches)), flops, info
+
+    def train_step(self, batches: list[PackedBatch]) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches; returns the global figures."""
+        items, global_labels, flops, info = (self.adaptive_work if self.adaptive else self.static_work)(batches)
         # FSDP averages over its dp × sp ranks: see parallel/data_parallel.py
         loss_scale = self.dims.dp * self.dims.sp / global_labels
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (batch, attend) in enumerate(shards):
-            self.model.set_requires_gradient_sync(i == len(shards) - 1)
+        for i, (batch, attend) in enumerate(items):
+            last = i == len(items) - 1
+            self.model.set_requires_gradient_sync(last)
+            if self.adaptive:  # keep weights gathered until this rank's last backward
+                self.model.set_reshard_after_backward(last)
             with autocast:
                 logits = self.model(batch.tokens, batch.positions, attend)
             loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum")
@@ -136,12 +163,12 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        figures = torch.tensor([loss_sum.item(), sum(b.num_tokens for b, _ in shards), full_flops / self.dims.sp],
+        figures = torch.tensor([loss_sum.item(), sum(b.num_tokens for b, _ in items if b.pieces), flops],
                                dtype=torch.float64)
         dist.all_reduce(figures)
         norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         return {"loss": figures[0].item() / global_labels, "tokens": int(figures[1].item()),
-                "flops": figures[2].item(), "grad_norm": float(norm), "lr": lr}
+                "flops": figures[2].item(), "grad_norm": float(norm), "lr": lr, **info}
 
     def fit(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Trains to max_steps (or run_steps more); `on_step(step)` runs after each step."""
@@ -173,6 +200,7 @@ class Trainer:
                     "mfu": flops_per_device / elapsed / (self.peak * 1e12) if self.peak else None,
                     "peak_mem_gb": peak_memory_gb(self.device), "data_wait_frac": self.loader.wait_s / elapsed,
                     "lr": result["lr"], "grad_norm": result["grad_norm"], "step_time_s": elapsed,
+                    **{k: result[k] for k in ("sp_groups", "predicted_s", "solve_s", "plan_gap") if k in result},
                 }
                 if writer:
                     writer.write(record)
@@ -184,11 +212,21 @@ class Trainer:
             self.checkpointer.wait()
         finally:
             self.loader.close()
+            if self.adaptive:
+                self.adaptive.close()
             if writer:
                 writer.close()
         plot = plot_loss(cfg.run_path) if self.rank == 0 and losses else None
         return {"start_step": start, "step": self.progress.step, "max_steps": cfg.train.max_steps,
                 "losses": losses, "loss_plot": str(plot) if plot else None}
+
+
+def adaptive_budget(cfg: JobConfig, device: torch.device) -> tuple[CostModel, int]:
+    """The cost model of adaptive SP and each rank's activation budget in tokens."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    cost = CostModel(cfg.model, hardware_profile(cfg.cluster.profile, name), method=cfg.parallel.sp.method)
+    budget = cfg.parallel.sp.tokens_per_gpu or cost.tokens_per_gpu(cfg.cluster.workers, unsharded_copy=True)
+    return cost, budget
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:

@@ -92,9 +92,13 @@ class MetricsWriter:
 
 def format_line(r: dict[str, Any], total_steps: int) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
-    return (f"step {r['step']:>5}/{total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+    line = (f"step {r['step']:>5}/{total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
             f"grad {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
             f"mem {r['peak_mem_gb']:.2f} GB | data wait {100 * r['data_wait_frac']:.1f}%")
+    if "sp_groups" in r:
+        line += (f" | groups {r['sp_groups']} | predicted {r['predicted_s']:.3f} s vs {r['step_time_s']:.3f} s"
+                 f" | solve {1e3 * r['solve_s']:.0f} ms")
+    return line
 
 
 def read_metrics(run_path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,320 @@
+"""Heterogeneity-adaptive sequence parallelism: per step, split the ranks into SP groups of
+different sizes and give every sequence to one group, minimising the slowest group's time.
+
+Groups are aligned power-of-two slices of the N ranks (sizes 1, 2, 4 … max_group), so any
+multiset of sizes with Σ size ≤ N tiles the ranks (largest first). A group runs its sequences
+in micro-batches of at most size × tokens_per_gpu tokens (the memory limit); a sequence longer
+than max_group × tokens_per_gpu fits nowhere and is an error naming its length.
+
+Solvers:
+- greedy (Megatron's dynamic context parallel, widened): every sequence's smallest group size
+  that holds it; candidate partitions (each static size, and "one group per long sequence,
+  size b for the rest" for every b), tried in order of their lower bound; longest-first
+  assignment to the group that would finish the sequence soonest. Milliseconds; warm start,
+  fallback and baseline.
+- MILP (HiGHS via highspy): lengths in ≤ 16 buckets, integer counts of each bucket per group
+  instance, binary group use, integer micro-batches per group, makespan objective, warm-started
+  from the greedy plan and capped in time. Its assignment is re-evaluated exactly and kept only
+  if better.
+Every plan reports its predicted makespan and a lower bound (the LP relaxation's: the least
+total rank-time spread over all ranks, or the slowest sequence on its best group; communication
+left out, since packing can hide it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from parallel.planner.cost_model import CostModel
+
+
+@dataclass
+class Group:
+    start: int
+    size: int
+    microbatches: list[list[int]] = field(default_factory=list)  # sequence indices of the step
+
+    @property
+    def ranks(self) -> range:
+        return range(self.start, self.start + self.size)
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+    predicted_s: float
+    lower_bound_s: float = 0.0
+    solve_s: float = 0.0
+    solver: str = "greedy"
+
+    def group_of(self, rank: int) -> Group | None:
+        return next((g for g in self.groups if rank in g.ranks), None)
+
+    @property
+    def gap(self) -> float:
+        return self.predicted_s / self.lower_bound_s - 1 if self.lower_bound_s else 0.0
+
+    def describe(self) -> str:
+        sizes = [g.size for g in self.groups]
+        return "+".join(f"{sizes.count(s)}×{s}" for s in sorted(set(sizes), reverse=True))
+
+
+class SequenceTooLong(ValueError):
+    pass
+
+
+class AdaptivePlanner:
+    def __init__(self, cost: CostModel, ranks: int, max_group: int, tokens_per_gpu: int,
+                 buckets: int = 16, time_limit_s: float = 1.0, use_milp: bool = True):
+        self.cost, self.ranks, self.tokens_per_gpu = cost, ranks, tokens_per_gpu
+        self.max_group = 1 << int(math.log2(min(max_group, ranks)))
+        self.sizes = [1 << i for i in range(int(math.log2(self.max_group)) + 1)]
+        self.buckets, self.time_limit_s, self.use_milp = buckets, time_limit_s, use_milp
+
+    # ------------------------------------------------------------------ costs of sequences and groups
+
+    def min_sizes(self, lengths) -> np.ndarray:
+        """The smallest group size whose memory holds each sequence."""
+        n = np.asarray(lengths, dtype=np.int64)
+        need = np.ceil(np.maximum(1, -(-n // self.tokens_per_gpu))).astype(np.int64)
+        sizes = 1 << np.ceil(np.log2(need)).astype(np.int64)
+        if sizes.size and sizes.max() > self.max_group:
+            length = int(n[np.argmax(sizes)])
+            raise SequenceTooLong(
+                f"a sequence of {length:,} tokens fits no SP group: the largest ({self.max_group} ranks × "
+                f"{self.tokens_per_gpu:,} tokens per rank) holds {self.max_group * self.tokens_per_gpu:,}")
+        return sizes
+
+    def share_times(self, lengths, size: int, with_comm: bool = True) -> np.ndarray:
+        """Each sequence's share of a micro-batch on `size` ranks: its own work plus its fraction
+        of the micro-batch's fixed cost (vectorised). Without communication it never exceeds the
+        sequence's true share (packed sequences hide each other's communication), so bounds use that."""
+        n = np.asarray(lengths, dtype=np.float64)
+        e = self.cost.hw.microbatch_overhead_s
+        total = self.cost.sequence_times(n, size)
+        if not with_comm:
+            total = total - self.cost.comm_time(n, self.cost.attention_flops(n), size)
+        return total - e + e * n / (size * self.tokens_per_gpu)
+
+    def pack(self, lengths: list[int], seqs: list[int], size: int) -> list[list[int]]:
+        """First-fit decreasing into micro-batches of at most size × tokens_per_gpu tokens."""
+        cap = size * self.tokens_per_gpu
+        used: list[int] = []
+        bins: list[list[int]] = []
+        for i in sorted(seqs, key=lambda j: -lengths[j]):
+            for b in range(len(bins)):
+                if used[b] + lengths[i] <= cap:
+                    used[b] += lengths[i]
+                    bins[b].append(i)
+                    break
+            else:
+                used.append(lengths[i])
+                bins.append([i])
+        return bins
+
+    def group_time(self, lengths: list[int], mbs: list[list[int]], size: int) -> float:
+        return sum(self.cost.microbatch_time([lengths[i] for i in mb], size) for mb in mbs)
+
+    def finish(self, lengths: list[int], sizes: list[int], members: list[list[int]], solver: str) -> Plan:
+        """Places the groups on aligned slices (largest first), packs and times them."""
+        groups, start = [], 0
+        for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
+            groups.append(Group(start, sizes[g], self.pack(lengths, members[g], sizes[g])))
+            start += sizes[g]
+        makespan = max((self.group_time(lengths, gr.microbatches, gr.size) for gr in groups), default=0.0)
+        return Plan(groups, makespan, self.lower_bound(lengths), solver=solver)
+
+    def lower_bound(self, lengths: list[int], sizes: list[int] | None = None) -> float:
+        """No plan over groups of these sizes beats the larger of: the least total rank-time
+        spread over the ranks, and the slowest sequence on its best group."""
+        kinds = sorted(set(sizes or self.sizes))
+        ranks = min(self.ranks, sum(sizes)) if sizes else self.ranks
+        need = self.min_sizes(lengths)
+        times = np.stack([self.share_times(lengths, s, with_comm=False) for s in kinds])  # [kinds, n]
+        allowed = np.array(kinds)[:, None] >= need[None, :]
+        work = np.where(allowed, times * np.array(kinds)[:, None], np.inf).min(0)
+        alone = np.where(allowed, times, np.inf).min(0)
+        return float(max(work.sum() / ranks, alone.max(initial=0.0)))
+
+    # ------------------------------------------------------------------ greedy
+
+    def _assign(self, lengths: list[int], sizes: list[int], times: dict[int, np.ndarray],
+                need: np.ndarray) -> list[list[int]]:
+        """Longest first, each sequence to the group (big enough) that would finish it soonest."""
+        heaps = {s: [(0.0, g) for g, t in enumerate(sizes) if t == s] for s in set(sizes)}
+        members: list[list[int]] = [[] for _ in sizes]
+        for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
+            best, best_s = math.inf, 0
+            for s, heap in heaps.items():
+                if s >= need[i] and heap[0][0] + times[s][i] < best:
+                    best, best_s = heap[0][0] + times[s][i], s
+            g = heaps[best_s][0][1]
+            heapq.heapreplace(heaps[best_s], (best, g))
+            members[g].append(i)
+        return members
+
+    def candidate_partitions(self, need: np.ndarray) -> list[list[int]]:
+        needs = sorted(need.tolist(), reverse=True)
+        out = [[s] * (self.ranks // s) for s in self.sizes]  # every static degree
+        for base in self.sizes:
+            sizes, free = [], self.ranks
+            for n in needs:  # one group per long sequence, as far as ranks allow
+                if base < n <= free:
+                    sizes.append(n)
+                    free -= n
+            sizes += [base] * (free // base)
+            if sizes not in out:
+                out.append(sizes)
+        return [p for p in out if max(p) >= need.max(initial=1)]
+
+    def greedy(self, lengths: list[int]) -> Plan:
+        need = self.min_sizes(lengths)
+        times = {s: self.share_times(lengths, s) for s in self.sizes}
+        candidates = sorted(((self.lower_bound(lengths, p), p) for p in self.candidate_partitions(need)),
+                            key=lambda c: c[0])
+        best = None
+        for bound, sizes in candidates:
+            if best is not None and bound >= best.predicted_s:
+                break  # no remaining candidate can do better
+            members = self._assign(lengths, sizes, times, need)
+            used = [g for g in range(len(sizes)) if members[g]]
+            plan = self.finish(lengths, [sizes[g] for g in used], [members[g] for g in used], "greedy")
+            if best is None or plan.predicted_s < best.predicted_s:
+                best = plan
+        return best
+
+    def static(self, lengths: list[int], size: int) -> Plan:
+        """Every group of one size (static SP of that degree), for comparison."""
+        sizes = [size] * (self.ranks // size)
+        members = self._assign(lengths, sizes, {size: self.share_times(lengths, size)}, self.min_sizes(lengths))
+        used = [g for g in range(len(sizes)) if members[g]]
+        return self.finish(lengths, [sizes[g] for g in used], [members[g] for g in used], f"static-{size}")
+
+    # ------------------------------------------------------------------ MILP
+
+    def milp(self, lengths: list[int], warm: Plan | None) -> Plan | None:
+        import highspy
+
+        logs = np.log(np.asarray(lengths, dtype=np.float64))
+        edges = np.linspace(logs.min(), logs.max() + 1e-9, self.buckets + 1)[1:-1]  # geometric length buckets
+        which = np.searchsorted(edges, logs)
+        buckets = [np.nonzero(which == b)[0] for b in range(self.buckets) if (which == b).any()]
+        n_b, counts = len(buckets), [int(b.size) for b in buckets]
+        inst = [s for s in self.sizes for _ in range(min(self.ranks // s, len(lengths)))]
+        n_g, n_seq = len(inst), len(lengths)
+        e = self.cost.hw.microbatch_overhead_s
+        arr = np.asarray(lengths, dtype=np.float64)
+        work = {s: self.share_times(arr, s) - e * arr / (s * self.tokens_per_gpu) for s in set(inst)}
+        t = [[float(work[s][b].mean()) for s in inst] for b in buckets]  # the fixed cost counts per micro-batch
+        tokens = [float(arr[b].mean()) for b in buckets]
+        bucket_need = [int(self.min_sizes([int(arr[b].max())])[0]) for b in buckets]
+
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("time_limit", float(self.time_limit_s))
+        h.setOptionValue("mip_rel_gap", 1e-3)
+        inf = highspy.kHighsInf
+        y = np.arange(n_b * n_g).reshape(n_b, n_g)
+        u = n_b * n_g + np.arange(n_g)
+        k = n_b * n_g + n_g + np.arange(n_g)
+        c = n_b * n_g + 2 * n_g
+        lower = np.zeros(c + 1)
+        upper = np.concatenate([[counts[b] if bucket_need[b] <= inst[g] else 0 for b in range(n_b) for g in range(n_g)],
+                                np.ones(n_g), np.full(n_g, n_seq), [inf]])
+        cost = np.zeros(c + 1)
+        cost[c] = 1.0
+        h.addVars(c + 1, lower, upper)
+        h.changeColsCost(c + 1, np.arange(c + 1, dtype=np.int32), cost)
+        h.changeColsIntegrality(c, np.arange(c, dtype=np.int32), np.full(c, highspy.HighsVarType.kInteger))
+
+        def row(lo: float, hi: float, idx, val) -> None:
+            idx = np.asarray(idx, dtype=np.int32)
+            h.addRow(lo, hi, idx.size, idx, np.asarray(val, dtype=np.float64))
+
+        for b in range(n_b):  # every sequence goes somewhere
+            row(counts[b], counts[b], y[b], np.ones(n_g))
+        for g, s in enumerate(inst):
+            row(-inf, 0.0, [*y[:, g], u[g]], [*np.ones(n_b), -n_seq])  # only used groups take sequences
+            row(-inf, 0.0, [*y[:, g], k[g]], [*tokens, -s * self.tokens_per_gpu])  # micro-batches by memory
+            row(-inf, 0.0, [k[g], u[g]], [-1.0, 1.0])  # a used group runs at least one micro-batch
+            row(-inf, 0.0, [*y[:, g], k[g], c], [*(t[b][g] for b in range(n_b)), e, -1.0])  # makespan
+            if g + 1 < n_g and inst[g + 1] == s:
+                row(0.0, inf, [u[g], u[g + 1]], [1.0, -1.0])  # symmetry: instances of a size in order
+        row(-inf, float(self.ranks), u, [float(s) for s in inst])  # the groups fit in the ranks
+        if warm is not None:
+            self._warm_start(h, warm, buckets, inst, y, u, k, c)
+        h.run()
+        if h.getInfo().primal_solution_status != 2:  # no feasible solution within the time cap
+            return None
+        x = np.asarray(h.getSolution().col_value)
+        take = [sorted(b.tolist(), key=lambda i: -lengths[i]) for b in buckets]
+        sizes, members = [], []
+        for g, s in enumerate(inst):
+            if x[u[g]] < 0.5:
+                continue
+            chosen = []
+            for b in range(n_b):
+                n = int(round(x[y[b, g]]))
+                chosen += take[b][:n]
+                take[b] = take[b][n:]
+            if chosen:
+                sizes.append(s)
+                members.append(chosen)
+        if any(take):  # a rounding left sequences out: not a usable plan
+            return None
+        return self.finish(lengths, sizes, members, "milp")
+
+    def _warm_start(self, h, warm: Plan, buckets, inst, y, u, k, c) -> None:
+        import highspy
+
+        bucket_of = {int(i): b for b, idx in enumerate(buckets) for i in idx}
+        x = np.zeros(c + 1)
+        free = {s: [g for g, t in enumerate(inst) if t == s] for s in set(inst)}
+        for group in warm.groups:
+            if not free.get(group.size):
+                return
+            g = free[group.size].pop(0)
+            x[u[g]] = 1
+            x[k[g]] = len(group.microbatches)
+            for mb in group.microbatches:
+                for i in mb:
+                    x[y[bucket_of[i], g]] += 1
+        x[c] = warm.predicted_s * 2
+        sol = highspy.HighsSolution()
+        sol.col_value = x.tolist()
+        sol.value_valid = True
+        h.setSolution(sol)
+
+    # ------------------------------------------------------------------ entry points
+
+    def solve(self, lengths: list[int]) -> Plan:
+        t0 = time.perf_counter()
+        plan = self.greedy(lengths)
+        if self.use_milp and len(lengths) > 1:
+            better = self.milp(lengths, plan)
+            if better is not None and better.predicted_s < plan.predicted_s * (1 - 1e-9):
+                plan = better
+        plan.solve_s = time.perf_counter() - t0
+        return plan
+
+    def brute_force(self, lengths: list[int]) -> float:
+        """The optimal makespan by enumeration (tests: a handful of sequences and ranks)."""
+        best = math.inf
+        need = self.min_sizes(lengths)
+        multisets = [m for r in range(1, self.ranks + 1)
+                     for m in itertools.combinations_with_replacement(self.sizes, r) if sum(m) <= self.ranks]
+        for sizes in multisets:
+            for assign in itertools.product(range(len(sizes)), repeat=len(lengths)):
+                if any(sizes[g] < need[i] for i, g in enumerate(assign)):
+                    continue
+                members = [[i for i, g in enumerate(assign) if g == gi] for gi in range(len(sizes))]
+                span = max((self.group_time(lengths, self.pack(lengths, m, s), s)
+                            for s, m in zip(sizes, members) if m), default=0.0)
+                best = min(best, span)
+        return best

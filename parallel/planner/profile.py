@@ -1,0 +1,88 @@
+"""`loom profile`: fits the cost model's coefficients on this machine's device.
+
+The model of a train config runs forward + backward on single documents of several lengths;
+a least-squares fit of  t = e + attention_flops(L)/A + linear_flops·L/M  gives the fixed cost
+e of a micro-batch, the attention rate A and the matmul rate M as this model really achieves
+them. With two or more GPUs, a send/recv between two of them gives the link bandwidth; with one,
+the preset's value stays (and the file says so). The result is a `HardwareProfile` JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+from parallel.attention import LocalAttention, select_backend
+from parallel.planner.cost_model import CostModel, hardware_profile
+from trainer.config import JobConfig
+from trainer.model import Transformer
+
+
+def _time_model(model: Transformer, length: int, backend, device: torch.device, dtype: torch.dtype,
+                repeats: int) -> float:
+    tokens = torch.randint(0, model.cfg.vocab_size, (length,), device=device)
+    positions = torch.arange(length, device=device)
+    cu = torch.tensor([0, length], dtype=torch.int32, device=device)
+    attend = LocalAttention(backend, cu, length)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step() -> None:
+        with autocast:
+            logits = model(tokens, positions, attend)
+        logits.float().logsumexp(-1).mean().backward()
+
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return float(np.median(times))
+
+
+def profile(cfg: JobConfig, lengths: list[int], repeats: int = 3) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    base = hardware_profile(cfg.cluster.profile, name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).to(device)
+    backend = select_backend(cfg.model.attention_backend, device)
+    cost = CostModel(cfg.model, base)
+    measured = [_time_model(model, n, backend, device, dtype, repeats) for n in lengths]
+    design = np.stack([np.ones(len(lengths)), cost.attention_flops(np.array(lengths)),
+                       cost.linear_flops_per_token() * np.array(lengths, dtype=np.float64)], axis=1)
+    (e, inv_attention, inv_matmul), *_ = np.linalg.lstsq(design, np.array(measured), rcond=None)
+    fitted = replace(base, name=name, microbatch_overhead_s=max(float(e), 0.0),
+                     attention_tflops=1e-12 / inv_attention if inv_attention > 0 else base.attention_tflops,
+                     matmul_tflops=1e-12 / inv_matmul if inv_matmul > 0 else base.matmul_tflops)
+    if device.type == "cuda":
+        fitted = replace(fitted, gpu_memory_gb=torch.cuda.get_device_properties(device).total_memory / 2**30)
+    predicted = [CostModel(cfg.model, fitted).microbatch_time([n], 1) for n in lengths]
+    return {**asdict(fitted), "measured": {
+        "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+        "model": f"{cfg.model.dim}d × {cfg.model.n_layers} layers", "lengths": lengths,
+        "seconds": measured, "fitted_seconds": predicted,
+        "bandwidth": "measured" if torch.cuda.device_count() > 1 else f"preset {base.name} (one device)"}}
+
+
+def run_profile(cfg: JobConfig, lengths: list[int], out: str) -> dict:
+    result = profile(cfg, lengths)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    m = result["measured"]
+    print(f"{m['device']}: micro-batch overhead {1e3 * result['microbatch_overhead_s']:.1f} ms, "
+          f"attention {result['attention_tflops']:.3g} TFLOP/s, matmul {result['matmul_tflops']:.3g} TFLOP/s")
+    for n, t, f in zip(m["lengths"], m["seconds"], m["fitted_seconds"]):
+        print(f"  L={n:>7,}: measured {t:.4f} s, model {f:.4f} s")
+    print(f"profile: {out}")
+    return result

@@ -1,0 +1,131 @@
+"""Adaptive sequence parallelism inside the training loop.
+
+Every rank reads the whole step (all `global_microbatches` sampler micro-batches). Rank 0 plans
+how the step's sequences split over SP groups (`parallel.adaptive`) — the plan for step t+1 is
+solved in a separate process while step t trains — and broadcasts it; each rank then repacks its
+group's sequences into micro-batches and runs them with that group's SP (a one-rank group runs
+plain attention). A rank that no group uses runs a one-token micro-batch that adds nothing, so
+that every rank joins the step's FSDP collectives.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from parallel.adaptive import AdaptivePlanner, Plan, SequenceTooLong
+from parallel.attention import AttentionBackend, LocalAttention
+from parallel.mesh import ParallelDims
+from parallel.planner.cost_model import CostModel
+from parallel.sequence_parallel import SequenceParallelAttention, SPGroups, make_layout
+from trainer.loader import IGNORE, PackedBatch
+
+Sequence = tuple[int, int]  # (micro-batch of the step, document inside it)
+
+
+def step_sequences(batches: list[PackedBatch]) -> tuple[list[Sequence], list[int]]:
+    refs, lengths = [], []
+    for j, b in enumerate(batches):
+        for d, n in enumerate(b.doc_lengths()):
+            refs.append((j, d))
+            lengths.append(n)
+    return refs, lengths
+
+
+def repack(batches: list[PackedBatch], refs: list[Sequence]) -> PackedBatch:
+    """One packed micro-batch of the given documents, cut out of the step's micro-batches."""
+    parts = []
+    for j, d in refs:
+        b = batches[j]
+        lo, hi = int(b.cu_seqlens[d]), int(b.cu_seqlens[d + 1])
+        parts.append((b.tokens[lo:hi], b.labels[lo:hi], b.positions[lo:hi], b.pieces[d]))
+    lengths = [p[0].numel() for p in parts]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=parts[0][0].device)
+    return PackedBatch(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                       torch.cat([p[2] for p in parts]), cu, max(lengths), [p[3] for p in parts])
+
+
+def idle_batch(device: torch.device) -> PackedBatch:
+    """A one-token micro-batch with no label: it runs the model (and FSDP's hooks) and adds nothing."""
+    one = torch.zeros(1, dtype=torch.int64, device=device)
+    return PackedBatch(one, torch.full_like(one, IGNORE), one.clone(),
+                       torch.tensor([0, 1], dtype=torch.int32, device=device), 1, [])
+
+
+def _solve(planner: AdaptivePlanner, lengths: list[int]) -> Plan | str:
+    try:
+        return planner.solve(lengths)
+    except SequenceTooLong as err:
+        return str(err)
+
+
+class AdaptiveStep:
+    def __init__(self, dims: ParallelDims, backend: AttentionBackend, device: torch.device, cost: CostModel,
+                 tokens_per_gpu: int, solver_time_s: float, window: int):
+        pool = dims.pool()
+        self.dims, self.backend, self.device, self.window = dims, backend, device, window
+        self.pool_rank = pool.index(dist.get_rank())
+        self.planner = AdaptivePlanner(cost, len(pool), dims.sp, tokens_per_gpu, time_limit_s=solver_time_s,
+                                       use_milp=solver_time_s > 0)
+        self._pending: cf.Future | None = None
+        self._solver: cf.ProcessPoolExecutor | None = None
+        if dist.get_rank() == 0 and solver_time_s > 0:
+            self._solver = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+
+    def plan(self, batches: list[PackedBatch], peek_next: Callable[[], list[PackedBatch]]) -> Plan:
+        """This step's plan (solved while the last step ran), shared by rank 0 with every rank."""
+        box: list = [None]
+        if dist.get_rank() == 0:
+            _, lengths = step_sequences(batches)
+            if self._pending is not None:
+                box[0] = self._pending.result()
+            else:
+                box[0] = _solve(self.planner, lengths)
+            self._pending = None
+            if self._solver is not None and not isinstance(box[0], str):
+                _, next_lengths = step_sequences(peek_next())
+                self._pending = self._solver.submit(_solve, self.planner, next_lengths)
+        dist.broadcast_object_list(box, src=0, group=self.dims.control_group)
+        if isinstance(box[0], str):
+            raise SequenceTooLong(box[0])
+        return box[0]
+
+    def work(self, plan: Plan, batches: list[PackedBatch]) -> tuple[list[tuple[PackedBatch, Callable]], list[int]]:
+        """This rank's micro-batches with their attention, and the document lengths of the group's
+        micro-batches (for FLOPs)."""
+        group = plan.group_of(self.pool_rank)
+        if group is None or not group.microbatches:
+            batch = idle_batch(self.device)
+            return [(batch, LocalAttention(self.backend, batch.cu_seqlens, 1))], []
+        refs, _ = step_sequences(batches)
+        items, lengths = [], []
+        for mb in group.microbatches:
+            packed = repack(batches, [refs[i] for i in mb])
+            lengths += packed.doc_lengths()
+            if group.size == 1:
+                items.append((packed, LocalAttention(self.backend, packed.cu_seqlens, packed.max_seqlen,
+                                                     window=self.window)))
+                continue
+            groups = self.sp_groups(group.start, group.size)
+            layout = make_layout(packed.doc_lengths(), groups, window=self.window, device=self.device)
+            idx = torch.from_numpy(layout.indices(groups.rank)).to(self.device)
+            local = PackedBatch(packed.tokens[idx], packed.labels[idx], packed.positions[idx], packed.cu_seqlens,
+                                packed.max_seqlen, packed.pieces)
+            items.append((local, SequenceParallelAttention(layout, groups, self.backend)))
+        return items, lengths
+
+    def sp_groups(self, start: int, size: int) -> SPGroups:
+        pg = self.dims.slice_groups[start, size]
+        rank = self.pool_rank - start
+        if self.dims.sp_method == "ulysses":
+            return SPGroups(1, size, 0, rank, None, None, pg)
+        return SPGroups(size, 1, rank, 0, pg, None, None)
+
+    def close(self) -> None:
+        if self._solver is not None:
+            self._solver.shutdown(cancel_futures=True)
