@@ -1,4 +1,4 @@
-"""Data parallelism with FSDP2 (`fully_shard`): parameters, gradients and optimizer states sharded over dp.
+"""Data parallelism with FSDP2 (`fully_shard`) over dp × sp, and activation checkpointing of blocks.
 
 FSDP averages gradients over dp ranks. The trainer therefore scales each rank's summed token
 loss by dp / (global label tokens of the step): the average is then the gradient of the global
@@ -12,6 +12,15 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Wraps every transformer block so that its activations are recomputed in backward (non-reentrant:
+    collectives inside, such as the ring's, simply run again in the same order on every rank)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,

@@ -1,4 +1,4 @@
-"""The `loom` command: prepare, stats, train, profile.
+"""The `loom` command: prepare, stats, train, profile, plan.
 
 Every mistake the user can make — a bad config, a missing dataset, an impossible layout — ends
 in one `loom: error: …` line and exit status 2 before any worker starts.
@@ -85,6 +85,13 @@ def _profile(args: argparse.Namespace) -> None:
     run_profile(cfg, args.lengths, args.out)
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from parallel.planner.plan import run_plan
+
+    cfg = load_config(args.config, args.overrides)
+    run_plan(cfg, args.data, args.out, args.top)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loom", description="Long-context training on uneven sequences.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single-document lengths to time")
     f.add_argument("--out", default="profile.json")
     f.set_defaults(func=_profile)
+
+    pl = sub.add_parser("plan", help="choose the parallel layout from the corpus's length statistics")
+    pl.add_argument("config", help="train config YAML: model, cluster (nodes, workers, profile), batch size")
+    pl.add_argument("data", help="a prepared dataset folder or its stats.json")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cluster.nodes=8 cluster.workers=64")
+    pl.add_argument("--out", default="plan", help="folder for plan.yaml, plan.png, candidates.jsonl")
+    pl.add_argument("--top", type=int, default=15, help="rows of the table")
+    pl.set_defaults(func=_plan)
     return parser
 
 

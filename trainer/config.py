@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 @dataclass
@@ -117,6 +118,10 @@ class ClusterConfig:
     peak_tflops: float = 0.0  # per-device peak for MFU; 0: looked up from the device name
     max_failures: int = 0
     profile: str = "auto"  # hardware profile for the cost model: auto (by device), H200, H100, cpu, or a JSON file
+    nodes: int = 1  # for planning and placement: workers = nodes × GPUs per node
+    gpu_memory_gb: float = 0.0  # 0: the profile's
+    intra_node_gbps: float = 0.0  # 0: the profile's
+    inter_node_gbps: float = 0.0  # 0: the profile's
 
 
 @dataclass
@@ -185,6 +190,11 @@ def validate(cfg: JobConfig) -> None:
     _require(cfg.checkpoint.keep_last > 0, f"checkpoint.keep_last must be positive, got {cfg.checkpoint.keep_last}")
     _require(cfg.cluster.device in ("auto", "cpu", "cuda"), f"unknown cluster.device '{cfg.cluster.device}'")
     _require(cfg.cluster.max_failures >= 0, "cluster.max_failures must be >= 0")
+    c = cfg.cluster
+    _require(c.nodes > 0, f"cluster.nodes must be positive, got {c.nodes}")
+    _require(c.workers % c.nodes == 0, f"cluster.workers={c.workers} is not divisible by cluster.nodes={c.nodes}")
+    for name in ("gpu_memory_gb", "intra_node_gbps", "inter_node_gbps"):
+        _require(getattr(c, name) >= 0, f"cluster.{name} must be >= 0, got {getattr(c, name)}")
     p = cfg.parallel
     _require(p.sp.method in ("ring", "ring_bidir", "ulysses", "hybrid"), f"unknown parallel.sp.method '{p.sp.method}'")
     _require(p.sp.mode in ("static", "adaptive"), f"unknown parallel.sp.mode '{p.sp.mode}'")

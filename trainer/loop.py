@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.attention import LocalAttention, select_backend
-from parallel.data_parallel import apply_fsdp
+from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import ParallelDims
 from parallel.planner.cost_model import CostModel, hardware_profile
 from parallel.sequence_parallel import SequenceParallelAttention, make_layout
@@ -70,6 +70,8 @@ class Trainer:
         self.dims = ParallelDims.from_config(cfg, dist.get_world_size()).build(self.device)
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model).to(self.device)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
         self.dtype = compute_dtype(cfg, self.device)
         # adaptive groups run different numbers of micro-batches: gather once per step (see train_step)
         self.model = apply_fsdp(model, self.dims.fsdp_mesh, param_dtype=self.dtype,

@@ -1,0 +1,311 @@
+"""`loom plan`'s search: layouts of a cluster, timed and sized with the shared cost model.
+
+Candidates: dp × tp × pp × sp degrees (powers of two; tp inside a node), SP method (ring,
+ring_bidir, ulysses), static or adaptive SP, the micro-batch token budget and activation
+checkpointing. A static layout runs m = global tokens / (dp × budget) micro-batches per data-
+parallel replica; one takes the cost model's time for `budget` tokens of the corpus's length mix
+(token-weighted moments of the histogram), split over tp × sp and over pp stages with 1F1B's
+bubble of pp − 1 micro-batches. TP adds four activation all-reduces per layer (fwd + bwd), PP a
+send per stage boundary, FSDP the part of its gathers and reduce-scatters that compute cannot
+hide. Adaptive candidates are timed by planning sampled steps with the trainer's own planner, on
+a slice of at most 64 ranks with proportionally fewer tokens.
+
+Memory per GPU: FSDP-sharded weights, gradients and AdamW states over dp × sp (split by tp × pp),
+the gathered weights, and activations of the micro-batches in flight (pp of them on the first
+1F1B stage), fewer with activation checkpointing. Above the GPU's memory a candidate is rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from parallel.adaptive import AdaptivePlanner, SequenceTooLong
+from parallel.planner.cost_model import BYTES, CostModel, HardwareProfile
+from trainer.config import ModelConfig
+
+METHODS = ("ring", "ring_bidir", "ulysses")
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Document lengths as (length, count) pairs, documents longer than the context already split."""
+
+    lengths: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def from_stats(cls, stats: dict, context: int) -> "Histogram":
+        rows = [(b["tokens"] / b["documents"], b["documents"]) for b in stats["buckets"] if b["documents"]]
+        lengths, counts = zip(*rows)
+        return cls(np.asarray(lengths), np.asarray(counts, dtype=np.float64)).split(context)
+
+    @classmethod
+    def from_lengths(cls, lengths, context: int) -> "Histogram":
+        values, counts = np.unique(np.asarray(lengths), return_counts=True)
+        return cls(values.astype(np.float64), counts.astype(np.float64)).split(context)
+
+    def split(self, context: int) -> "Histogram":
+        full = np.floor(self.lengths / context)
+        rest = self.lengths - full * context
+        lengths = np.concatenate([np.full(int((full > 0).sum()), float(context)), rest[rest > 0]])
+        counts = np.concatenate([(self.counts * full)[full > 0], self.counts[rest > 0]])
+        return Histogram(lengths, counts)
+
+    @property
+    def tokens(self) -> float:
+        return float((self.lengths * self.counts).sum())
+
+    def per_token(self, values: np.ndarray) -> float:
+        """Σ over documents of a quantity, per token of the corpus (e.g. attention FLOPs per token)."""
+        return float((values * self.counts).sum() / self.tokens)
+
+    def sample(self, tokens: float, rng: np.random.Generator) -> list[int]:
+        """Documents drawn by count until they hold about `tokens` tokens."""
+        p = self.counts / self.counts.sum()
+        n = max(1, int(tokens / float((self.lengths * p).sum())))
+        return np.maximum(1, np.round(rng.choice(self.lengths, n, p=p))).astype(int).tolist()
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    hw: HardwareProfile
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Candidate:
+    dp: int
+    tp: int
+    pp: int
+    sp: int
+    sp_method: str
+    mode: str  # static | adaptive
+    budget: int  # static: tokens per micro-batch; adaptive: tokens per GPU
+    checkpointing: bool
+    step_s: float = math.inf
+    memory_gb: float = 0.0
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    bubble: float = 0.0
+    comm_frac: float = 0.0
+    feasible: bool = False  # fits memory and holds the longest sequence
+    runnable: bool = False  # feasible and every degree is implemented in this version
+    verdict: str = ""
+
+    @property
+    def layout(self) -> str:
+        sp = f" sp{self.sp} {self.sp_method}" + (" adaptive" if self.mode == "adaptive" else "") if self.sp > 1 else ""
+        return f"dp{self.dp} tp{self.tp} pp{self.pp}{sp}"
+
+
+def powers_of_two(limit: int) -> list[int]:
+    return [1 << i for i in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
+
+
+class PlanSearch:
+    def __init__(self, model: ModelConfig, cluster: Cluster, hist: Histogram, global_tokens: int,
+                 implemented: dict[str, int] | None = None, seed: int = 0):
+        self.model, self.cluster, self.hist, self.global_tokens = model, cluster, hist, global_tokens
+        self.implemented = implemented or {}
+        self.seed = seed
+        self._samples: dict[tuple[int, int], list[int]] = {}
+        full = CostModel(model, cluster.hw)
+        self.params = full.params()
+        self.attention_per_token = hist.per_token(full.attention_flops(hist.lengths))  # kernel FLOPs, all layers
+        self.model_flops_per_token = (6 * (self.params - model.vocab_size * model.dim)
+                                      + self.attention_per_token * 3 / 3.5)  # MFU counts no recompute
+        self.longest = int(hist.lengths.max())
+        self.peak = 989.0 if cluster.hw.name in ("H100", "H200") else cluster.hw.matmul_tflops / 0.6
+
+    # ------------------------------------------------------------------ cost of one candidate
+
+    def cost(self, c: Candidate) -> CostModel:
+        """The cost model of one tp × pp shard of the model (its heads and layers)."""
+        m = self.model
+        local = replace(m, n_heads=m.n_heads // c.tp, n_kv_heads=max(1, m.n_kv_heads // c.tp),
+                        n_layers=max(1, m.n_layers // c.pp), ffn_dim=m.hidden_dim // c.tp,
+                        vocab_size=max(1, m.vocab_size // c.tp))
+        return CostModel(local, self.cluster.hw, method="ulysses" if c.sp_method == "ulysses" else "ring",
+                         activation_checkpointing=c.checkpointing)
+
+    def memory_gb(self, c: Candidate) -> float:
+        full = CostModel(self.model, self.cluster.hw, activation_checkpointing=c.checkpointing)
+        params = self.params / (c.tp * c.pp)
+        states = 16 * params / (c.dp * c.sp)
+        gathered = 6 * params if c.mode == "adaptive" else 2 * 2 * params / max(1, self.model.n_layers // c.pp)
+        tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
+        per_token = full.activation_bytes_per_token() / (c.tp * c.pp)
+        if c.checkpointing:  # one block's full activations live during its recompute
+            per_token += CostModel(self.model, self.cluster.hw).activation_bytes_per_token() / self.model.n_layers / c.tp
+        return (states + gathered + tokens_per_gpu * c.pp * per_token) / 2**30
+
+    def link(self, group: int) -> float:
+        hw = self.cluster.hw
+        return 1e9 * (hw.intra_node_gbps if group <= self.cluster.gpus_per_node else hw.inter_node_gbps)
+
+    def fsdp_time(self, c: Candidate, compute: float) -> float:
+        """The exposed part of one step's weight gathers (fwd, bwd) and gradient reduce-scatter."""
+        shard = c.dp * c.sp
+        if shard == 1:
+            return 0.0
+        params = self.params / (c.tp * c.pp)
+        total = (2 * params * BYTES + params * 4) * (shard - 1) / shard / self.link(shard * c.tp)
+        return max(0.0, total - compute) + total / max(1, self.model.n_layers // c.pp)
+
+    def static_time(self, c: Candidate) -> tuple[float, float, float]:
+        """(step seconds, pipeline bubble fraction, communication fraction) of a static layout."""
+        cost, hw, m = self.cost(c), self.cluster.hw, self.model
+        microbatches = max(1, math.ceil(self.global_tokens / (c.dp * c.budget)))
+        attention_flops = self.attention_per_token * c.budget / (c.tp * c.pp)
+        compute = (attention_flops / c.sp / (hw.attention_tflops * 1e12)
+                   + cost.linear_flops_per_token() * c.budget / c.sp / (hw.matmul_tflops * 1e12))
+        sp_comm = float(cost.comm_time(float(c.budget), attention_flops, c.sp))
+        if c.sp_method == "ring_bidir" and c.sp > 2:
+            sp_comm *= -(-(c.sp - 1) // 2) / (c.sp - 1)  # hops of the longer direction
+        tp_comm = 0.0
+        if c.tp > 1:
+            activations = c.budget / c.sp * m.dim * BYTES
+            tp_comm = (m.n_layers / c.pp) * 4 * activations * (c.tp - 1) / c.tp / self.link(c.tp)
+        pp_comm = 2 * c.budget / (c.tp * c.sp) * m.dim * BYTES / self.link(self.cluster.gpus) if c.pp > 1 else 0.0
+        stage = hw.microbatch_overhead_s + compute + sp_comm + tp_comm + pp_comm
+        fsdp = self.fsdp_time(c, microbatches * compute)
+        step = (microbatches + c.pp - 1) * stage + fsdp
+        comm = microbatches * (sp_comm + tp_comm + pp_comm) + fsdp
+        return step, (c.pp - 1) / (microbatches + c.pp - 1), comm / step
+
+    def adaptive_instance(self, c: Candidate) -> tuple[AdaptivePlanner, list[int], float]:
+        """A planner on a slice of the pool and its share of a step's sequences (the same sample for
+        every candidate of that slice), and the factor from the slice's time to the step's."""
+        pool = c.dp * c.sp
+        ranks = min(pool, max(c.sp, 64))
+        tokens = self.global_tokens * ranks / pool
+        scale = 1.0
+        mean = float((self.hist.lengths * self.hist.counts).sum() / self.hist.counts.sum())
+        if tokens / mean > 4096:  # plan at most ~4,096 sequences and scale the time
+            scale = tokens / mean / 4096
+            tokens /= scale
+        key = (ranks, int(tokens))
+        if key not in self._samples:
+            self._samples[key] = self.hist.sample(tokens, np.random.default_rng([self.seed, *key]))
+        planner = AdaptivePlanner(self.cost(c), ranks, min(c.sp, ranks), c.budget, use_milp=False)
+        return planner, self._samples[key], scale
+
+    def adaptive_bound(self, c: Candidate) -> float:
+        planner, lengths, scale = self.adaptive_instance(c)
+        return planner.lower_bound(lengths) * scale
+
+    def adaptive_time(self, c: Candidate) -> tuple[float, float, float]:
+        planner, lengths, scale = self.adaptive_instance(c)
+        plan = planner.solve(lengths)
+        return plan.predicted_s * scale + self.fsdp_time(c, plan.lower_bound_s * scale), 0.0, 0.0
+
+    def evaluate(self, c: Candidate) -> Candidate:
+        c.memory_gb = self.memory_gb(c)
+        holds = c.budget * (c.sp if c.mode == "adaptive" else 1)
+        if self.longest > holds:
+            c.verdict = f"a {self.longest:,}-token sequence does not fit {holds:,} tokens"
+            return c
+        if c.memory_gb > self.cluster.hw.gpu_memory_gb:
+            c.verdict = f"out of memory ({c.memory_gb:.0f} GB > {self.cluster.hw.gpu_memory_gb:.0f} GB)"
+            return c
+        try:
+            c.step_s, c.bubble, c.comm_frac = (self.adaptive_time if c.mode == "adaptive" else self.static_time)(c)
+        except SequenceTooLong as err:
+            c.verdict = str(err)
+            return c
+        c.feasible = True
+        c.tokens_per_s = self.global_tokens / c.step_s
+        c.mfu = self.model_flops_per_token * self.global_tokens / (c.step_s * self.cluster.gpus * self.peak * 1e12)
+        missing = [f"{k}={getattr(c, k)}" for k, limit in self.implemented.items() if getattr(c, k) > limit]
+        c.runnable = not missing
+        if missing:
+            c.verdict = f"needs {', '.join(missing)} (not in this version of Loom)"
+        return c
+
+    # ------------------------------------------------------------------ the space
+
+    def static_candidates(self, budgets: list[int]) -> list[Candidate]:
+        gpus, m = self.cluster.gpus, self.model
+        out = []
+        for tp in powers_of_two(min(self.cluster.gpus_per_node, m.n_heads)):
+            if m.n_heads % tp or (m.n_kv_heads % tp and tp % m.n_kv_heads):
+                continue
+            for pp in powers_of_two(m.n_layers):
+                if m.n_layers % pp or gpus % (tp * pp):
+                    continue
+                for sp in powers_of_two(gpus // (tp * pp)):
+                    dp = gpus // (tp * pp * sp)
+                    for method in (METHODS if sp > 1 else ("ring",)):
+                        if method == "ulysses" and (m.n_heads // tp) % sp:
+                            continue
+                        for budget in budgets:
+                            for ckpt in (False, True):
+                                out.append(Candidate(dp, tp, pp, sp, method, "static", budget, ckpt))
+        return out
+
+    def adaptive_candidates(self) -> list[Candidate]:
+        """Adaptive SP over every pool (ranks not used by tp), largest group size, method and budget."""
+        gpus, m = self.cluster.gpus, self.model
+        out = []
+        for tp in powers_of_two(min(self.cluster.gpus_per_node, m.n_heads)):
+            if m.n_heads % tp or (m.n_kv_heads % tp and tp % m.n_kv_heads) or gpus % tp:
+                continue
+            pool = gpus // tp
+            for sp in powers_of_two(pool)[1:]:
+                least = -(-self.longest // sp)  # per-GPU tokens that let the largest group hold it
+                for method in ("ring", "ulysses"):
+                    if method == "ulysses" and (m.n_heads // tp) % sp:
+                        continue
+                    for budget in (least, 2 * least, 4 * least):
+                        for ckpt in (False, True):
+                            out.append(Candidate(pool // sp, tp, 1, sp, method, "adaptive", budget, ckpt))
+        return out
+
+    def run(self, budgets: list[int], adaptive: bool = True) -> list[Candidate]:
+        """Every candidate, feasible ones first by step time; the first runnable one is the plan.
+        Adaptive candidates are planned in order of their lower bound, and not at all once that
+        bound reaches the best time found (they could not win)."""
+        found = [self.evaluate(c) for c in self.static_candidates(budgets)]
+        if adaptive:
+            best = min((c.step_s for c in found if c.runnable), default=math.inf)
+            pending = []
+            for c in self.adaptive_candidates():
+                c.memory_gb = self.memory_gb(c)
+                if c.budget * c.sp >= self.longest and c.memory_gb <= self.cluster.hw.gpu_memory_gb:
+                    pending.append((self.adaptive_bound(c), c))
+                else:
+                    found.append(self.evaluate(c))  # rejected, with its reason
+            for bound, c in sorted(pending, key=lambda p: p[0]):
+                if bound >= best:  # step_s, tokens/s and MFU are bounds here
+                    c.step_s, c.feasible, c.runnable = bound, True, c.tp <= self.implemented.get("tp", c.tp)
+                    c.tokens_per_s = self.global_tokens / bound
+                    c.mfu = self.model_flops_per_token * self.global_tokens / (bound * self.cluster.gpus * self.peak * 1e12)
+                    c.verdict = "slower: its lower bound is above the best"
+                else:
+                    self.evaluate(c)
+                    if c.runnable:
+                        best = min(best, c.step_s)
+                found.append(c)
+        found.sort(key=lambda c: (not c.feasible, c.step_s if c.feasible else c.memory_gb))
+        winner = next((c for c in found if c.runnable and not c.verdict), None)
+        for c in found:
+            if c.runnable and c is not winner and not c.verdict:
+                c.verdict = self.why_slower(c, winner.step_s)
+        return found
+
+    @staticmethod
+    def why_slower(c: Candidate, best: float) -> str:
+        ratio = c.step_s / best
+        if c.bubble > 0.2:
+            return f"pipeline bubble {100 * c.bubble:.0f}% ({ratio:.2f}× the best)"
+        if c.comm_frac > 0.3:
+            return f"communication bound: {100 * c.comm_frac:.0f}% of the step ({ratio:.2f}× the best)"
+        return f"slower ({ratio:.2f}× the best)"

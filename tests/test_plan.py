@@ -1,0 +1,108 @@
+"""`loom plan`: feasibility, degrees, monotonicity in memory, a known optimum, bad cluster specs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from parallel.planner.cost_model import PRESETS, HardwareProfile
+from parallel.planner.plan import run_plan
+from parallel.planner.search import Cluster, Histogram, PlanSearch
+from trainer.cli import main
+from trainer.config import ModelConfig, load_config
+
+LLAMA_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336)
+RNG = np.random.default_rng(0)
+LONG_TAIL = Histogram.from_lengths(np.clip(RNG.lognormal(np.log(4000), 1.6, 3000), 16, 10**6).astype(int), 131072)
+
+
+def search(memory_gb=139.0, gpus=16, per_node=8, hist=LONG_TAIL, tokens=4 * 131072, hw=None):
+    hw = dataclasses.replace(hw or PRESETS["H200"], gpu_memory_gb=memory_gb, gpus_per_node=per_node)
+    return PlanSearch(LLAMA_8B, Cluster(gpus // per_node, per_node, hw), hist, tokens, implemented={"tp": 1, "pp": 1})
+
+
+BUDGETS = [131072 * k for k in (1, 2, 4)]
+
+
+def test_no_plan_exceeds_memory_and_degrees_multiply_to_the_world():
+    s = search()
+    found = s.run(BUDGETS)
+    assert found and any(c.feasible for c in found) and any(not c.feasible for c in found)
+    for c in found:
+        assert c.dp * c.tp * c.pp * c.sp == 16
+        if c.feasible:
+            assert c.memory_gb <= 139.0
+        if c.mode == "adaptive" and c.feasible:
+            assert c.budget * c.sp >= s.longest  # the largest group holds the longest sequence
+    winner = next(c for c in found if c.runnable)
+    assert winner.tp == winner.pp == 1 and winner.step_s == min(c.step_s for c in found if c.runnable)
+
+
+def test_more_memory_never_gives_a_slower_best_plan():
+    best = []
+    for memory in (60.0, 80.0, 100.0, 139.0, 200.0, 400.0):
+        found = search(memory_gb=memory).run(BUDGETS)
+        runnable = [c for c in found if c.runnable]
+        best.append(runnable[0].step_s if runnable else float("inf"))
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(best, best[1:])), best
+    assert best[0] > best[-1]  # memory did matter somewhere in this range
+
+
+def test_known_optimum_short_documents_plain_data_parallel():
+    """Short documents and ample memory: splitting a sequence or a layer only adds communication,
+    so plain data parallelism wins, with the largest micro-batch (fewest fixed costs; every rank
+    still gets one) and no recompute."""
+    hist = Histogram.from_lengths(np.full(1000, 512), 4096)
+    s = search(gpus=8, hist=hist, tokens=8 * 16 * 4096, memory_gb=1000.0)
+    found = s.run([4096 * k for k in (1, 2, 4, 8, 16)])
+    best = next(c for c in found if c.runnable)
+    assert (best.dp, best.tp, best.pp, best.sp, best.mode, best.budget, best.checkpointing) == \
+        (8, 1, 1, 1, "static", 16 * 4096, False)
+
+
+def test_known_optimum_memory_forces_sequence_parallelism():
+    """All documents 128K long on 8 GPUs of 60 GB: one GPU cannot hold a 128K micro-batch's
+    activations, checkpointing is not enough, so the fastest runnable layout splits it — and with
+    fast NVLink the whole node (sp=8) beats sp=4 + dp=2 only if sp=4 does not fit."""
+    hist = Histogram.from_lengths(np.full(64, 131072), 131072)
+    s = search(gpus=8, hist=hist, tokens=8 * 131072, memory_gb=60.0)
+    found = s.run([131072])
+    best = next(c for c in found if c.runnable)
+    fits = {(c.sp, c.checkpointing) for c in found if c.runnable and c.mode == "static"}
+    assert best.sp == min(sp for sp, _ in fits) or best.mode == "adaptive"
+    assert all(sp >= 2 for sp, _ in fits)
+
+
+def test_plan_writes_a_config_loom_train_accepts(tmp_path, small_dataset):
+    out = tmp_path / "plan"
+    winner = run_plan(load_config("configs/train/llama-8b-long.yaml", [f"data.path={small_dataset}"]),
+                      str(small_dataset), str(out))
+    cfg = load_config(out / "plan.yaml")
+    assert cfg.parallel.sp.degree == winner.sp and cfg.parallel.dp == winner.dp
+    assert cfg.cluster.workers == 8 and cfg.train.global_microbatches % cfg.parallel.dp == 0
+    assert (out / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "candidates.jsonl").read_text().splitlines()) > 100
+
+
+def test_plan_from_a_stats_file(tmp_path, small_dataset, capsys):
+    assert main(["stats", str(small_dataset), "--json"]) == 0
+    capsys.readouterr()
+    code = main(["plan", "configs/train/llama-8b-long.yaml", str(small_dataset / "stats.json"),
+                 f"data.path={small_dataset}", "--out", str(tmp_path / "p")])
+    assert code == 0 and (tmp_path / "p" / "plan.yaml").exists()
+    assert "layouts, fastest first" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    (["cluster.nodes=3"], "cluster.workers=8 is not divisible by cluster.nodes=3"),
+    (["cluster.nodes=0"], "cluster.nodes must be positive, got 0"),
+    (["cluster.profile=B300"], "unknown hardware profile 'B300'"),
+    (["cluster.workers=12", "cluster.nodes=2"], "cluster: 6 GPUs per node is not a power of two"),
+    (["cluster.gpu_memory_gb=-5"], "cluster.gpu_memory_gb must be >= 0, got -5.0"),
+])
+def test_invalid_cluster_specs_get_one_clear_line(override, message, capsys, small_dataset, tmp_path):
+    code = main(["plan", "configs/train/llama-8b-long.yaml", str(small_dataset), *override, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
