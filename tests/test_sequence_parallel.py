@@ -170,13 +170,16 @@ def test_collectives_and_bytes_per_step():
         assert wtotal.get("dkv_home_ops", 0) == (1 if r > 0 else 0)
 
 
-@pytest.mark.parametrize("method, world", [("ring", 2), ("ring_bidir", 2), ("ulysses", 2), ("hybrid", 4)])
-def test_training_with_sp_equals_sp1(small_dataset, tmp_path, method, world):
+@pytest.mark.parametrize("method, world, extra", [
+    ("ring", 2, []), ("ring_bidir", 2, []), ("ulysses", 2, []), ("hybrid", 4, []),
+    ("ring", 2, ["train.activation_checkpointing=true"]),  # recompute re-runs the ring in backward
+])
+def test_training_with_sp_equals_sp1(small_dataset, tmp_path, method, world, extra):
     """10 steps: losses rtol 1e-5 and parameters atol 5e-6 against one process (fp32)."""
     ov = tiny_overrides(small_dataset, tmp_path) + ["train.max_steps=10", "checkpoint.every=100",
                                                     "train.global_microbatches=2", "data.tokens_per_microbatch=1024"]
     (ref, p_ref), = run_ranks(train_rank, 1, ov + ["name=sp1"])
-    sp = [f"parallel.sp.degree={world}", f"parallel.sp.method={method}", f"name={method}"]
+    sp = [f"parallel.sp.degree={world}", f"parallel.sp.method={method}", f"name={method}", *extra]
     if method == "hybrid":
         sp.append("parallel.sp.ulysses=2")
     (got, p_got), *_ = run_ranks(train_rank, world, ov + sp)
