@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from launch.errors import CollectiveTimeout
 
 
 def free_port() -> int:
@@ -47,3 +52,33 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _is_timeout(err: BaseException) -> bool:
+    text = str(err)
+    return "Timed out" in text or "timed out" in text or "Watchdog caught collective operation timeout" in text
+
+
+def _operation(err: BaseException) -> str:
+    """The torch.distributed call that failed and the Loom code that made it, from the traceback."""
+    frames = traceback.extract_tb(err.__traceback__)
+    torch_calls = [f for f in frames if "/torch/distributed/" in f.filename.replace("\\", "/")
+                   and not f.name.startswith("_") and f.name not in ("wrapper", "wait")]
+    ours = [f for f in frames if any(part in f.filename for part in ("/trainer/", "/parallel/", "/launch/"))]
+    op = torch_calls[-1].name if torch_calls else "a collective"
+    if ours:
+        where = ours[-1]
+        return f"{op} (called from {os.path.basename(where.filename)}:{where.name})"
+    return op
+
+
+@contextmanager
+def collective_guard(rank: int, during: str, timeout_s: int) -> Iterator[None]:
+    """Turns a collective's timeout into one error that names the rank, the operation and when."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised unchanged unless it is a timeout
+        if not _is_timeout(err):
+            raise
+        raise CollectiveTimeout(f"rank {rank}: {_operation(err)} timed out after {timeout_s} s during {during}; "
+                                f"another rank never joined it") from err

@@ -57,16 +57,20 @@ def run_job(cfg: JobConfig) -> list[dict[str, Any]]:
     from ray.exceptions import RayActorError, RayTaskError
 
     from launch.worker_group import WorkerGroup
+    from parallel.mesh import ParallelDims
 
     started = connect(cfg)
     t0 = time.time()
     try:
         gpu = use_gpus(cfg)
+        dims = ParallelDims.from_config(cfg)
+        block = dims.tp * dims.sp  # ranks that must share a node
         print(f"ray: {'local cluster' if started else cfg.cluster.address or 'connected'}, "
-              f"{cfg.cluster.workers} workers on {'GPU' if gpu else 'CPU'}", flush=True)
+              f"{cfg.cluster.workers} workers on {'GPU' if gpu else 'CPU'}"
+              + (f", groups of {block} per node" if block > 1 else ""), flush=True)
         failures = 0
         while True:
-            group = WorkerGroup(cfg, gpu)
+            group = WorkerGroup(cfg, gpu, block)
             try:
                 results = group.run()
                 print(f"job finished in {time.time() - t0:.0f} s", flush=True)

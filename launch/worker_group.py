@@ -1,8 +1,10 @@
-"""A group of Ray actors, one per training process, placed by one placement group.
+"""A group of Ray actors, one per training process.
 
-Bundles are packed by node, so consecutive ranks (the tp/sp neighbours of `ParallelDims`) share
-a node. Rank 0's actor sits on bundle 0; its node address and a free port there become
-MASTER_ADDR/PORT, and every actor joins the process group over TCP.
+Consecutive ranks form blocks of tp × sp ranks (the innermost dims of `ParallelDims`, whose
+groups exchange the most); each block is one STRICT_PACK placement group, so a tp or sp group
+never spans two nodes. Rank 0's actor sits in block 0; its node address and a free port there
+become MASTER_ADDR/PORT, and every actor joins the process group over TCP with the config's
+environment (NCCL / gloo settings) and the GPUs of its node visible.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from launch.errors import PlacementError
 from trainer.config import JobConfig
 
 
@@ -40,6 +43,9 @@ class TrainWorker:
 
         return free_port()
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def run(self, cfg_dict: dict[str, Any], master_addr: str, master_port: int,
             visible_gpus: list[str], local_rank: int) -> dict[str, Any]:
         from launch.distributed import init_distributed, shutdown_distributed
@@ -49,6 +55,7 @@ class TrainWorker:
         if visible_gpus:  # every GPU of the group on this node, so NCCL can use peer-to-peer links
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus)
         cfg = config_from_dict(cfg_dict)
+        os.environ.update(cfg.cluster.env)
         init_distributed(self.rank, self.world, master_addr, master_port, cfg.cluster.timeout_s, local_rank)
         try:
             return train(cfg)
@@ -57,28 +64,40 @@ class TrainWorker:
 
 
 class WorkerGroup:
-    def __init__(self, cfg: JobConfig, use_gpu: bool):
+    def __init__(self, cfg: JobConfig, use_gpu: bool, block: int, timeout_s: float = 600):
         world = cfg.cluster.workers
-        bundle = {"CPU": cfg.cluster.cpus_per_worker}
-        if use_gpu:
-            bundle["GPU"] = 1
-        self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
-        ray.get(self.pg.ready(), timeout=600)
+        bundle = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        self.pgs = [placement_group([dict(bundle) for _ in range(block)], strategy="STRICT_PACK")
+                    for _ in range(world // block)]
+        try:
+            ray.get([pg.ready() for pg in self.pgs], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            for pg in self.pgs:
+                remove_placement_group(pg)
+            raise PlacementError(f"could not place {world // block} group(s) of {block} workers × {bundle} "
+                                 f"with each group on one node within {timeout_s:.0f} s") from None
         self.workers = [
             TrainWorker.options(
                 num_cpus=cfg.cluster.cpus_per_worker, num_gpus=1 if use_gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pgs[i // block], placement_group_bundle_index=i % block),
             ).remote(i, world, cfg.cluster.cpus_per_worker)
             for i in range(world)
         ]
         self.cfg = cfg
+        self.places: list[tuple[str, str, list[str]]] = []
 
     def run(self) -> list[dict[str, Any]]:
-        places = ray.get([w.placement.remote() for w in self.workers])
+        self.places = places = ray.get([w.placement.remote() for w in self.workers])
         node_gpus: dict[str, list[str]] = {}
         for node, _, gpus in places:
             node_gpus.setdefault(node, []).extend(gpus)
         master_addr, master_port = places[0][1], ray.get(self.workers[0].free_port.remote())
+        by_node: dict[str, list[int]] = {}
+        for rank, (node, _, _) in enumerate(places):
+            by_node.setdefault(node, []).append(rank)
+        print("placement: " + "; ".join(f"node {node[:8]}: ranks {ranks}" for node, ranks in by_node.items()),
+              flush=True)
         refs = []
         for worker, (node, _, gpus) in zip(self.workers, places):
             visible = sorted(node_gpus[node], key=int)
@@ -93,4 +112,5 @@ class WorkerGroup:
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        remove_placement_group(self.pg)
+        for pg in self.pgs:
+            remove_placement_group(pg)

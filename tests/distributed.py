@@ -44,12 +44,15 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
         procs = [ctx.Process(target=_entry, args=(r, world, port, out, fn, args)) for r in range(world)]
         for p in procs:
             p.start()
-        running = {p.sentinel: p for p in procs}
+        running = {p.sentinel: (r, p) for r, p in enumerate(procs)}
         while running:
             for sentinel in wait(list(running)):
-                if running.pop(sentinel).exitcode != 0:  # a dead rank: stop the ones waiting on it
-                    for p in running.values():
-                        p.kill()
+                r, p = running.pop(sentinel)
+                # a rank that died before saving its result leaves the others waiting on it: stop them
+                # (one that crashed tearing down a broken process group after saving it has finished)
+                if p.exitcode != 0 and not (Path(out) / f"rank{r}.pt").exists():
+                    for _, other in running.values():
+                        other.kill()
         for p in procs:
             p.join()
         items = [torch.load(Path(out) / f"rank{r}.pt", weights_only=False)

@@ -1,9 +1,11 @@
 """Sharded, atomic checkpoints with torch.distributed.checkpoint (DCP).
 
 A checkpoint of step N is written into `step-N.tmp/`; when every rank has written its shards
-(and, for async saves, the background write has finished), rank 0 adds `COMPLETE.json` and
-renames the folder to `step-N/`. Only folders with that marker are ever loaded, so a crash in
-the middle of a save leaves the previous checkpoint as the newest. The last `keep_last` are kept.
+(and, for async saves, the background write has finished), rank 0 adds `COMPLETE.json` — with
+the size and SHA-256 of every file — and renames the folder to `step-N/`. Only folders with that
+marker are loaded, and only if every file still matches it: a truncated or missing file makes
+the resume fall back to the previous checkpoint, with a warning naming the damaged step. The
+last `keep_last` are kept.
 
 Contents: model and optimizer (sharded, resharding on load), LR schedule, data-loader state
 (global), step, config, and each rank's RNG states (`rng/rank-R.pt`).
@@ -11,11 +13,13 @@ Contents: model and optimizer (sharded, resharding on load), LR schedule, data-l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +75,34 @@ def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER):
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        digests[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return digests
+
+
+def damage(path: Path) -> str:
+    """Why a complete checkpoint can no longer be trusted ('' if it can)."""
+    expected = json.loads((path / MARKER).read_text()).get("files")
+    if expected is None:
+        return ""
+    found = file_digests(path)
+    for name, want in expected.items():
+        got = found.get(name)
+        if got is None:
+            return f"{name} is missing"
+        if got["size"] != want["size"]:
+            return f"{name} has {got['size']:,} bytes, expected {want['size']:,}"
+        if got["sha256"] != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return ""
+
+
 class Checkpointer:
     def __init__(self, folder: Path, keep_last: int, group: dist.ProcessGroup | None = None,
                  async_save: bool = False):
@@ -82,15 +114,31 @@ class Checkpointer:
         self._pending: tuple[Any, int, Path, dict] | None = None
 
     def latest(self) -> tuple[int, Path] | None:
-        found = complete_checkpoints(self.folder)
-        return found[-1] if found else None
+        """The newest complete checkpoint whose files match their checksums (rank 0 checks, every
+        rank gets its answer)."""
+        choice: list = [None]
+        if self.rank == 0:
+            for step, path in reversed(complete_checkpoints(self.folder)):
+                problem = damage(path)
+                if not problem:
+                    choice[0] = (step, str(path))
+                    break
+                message = f"checkpoint step {step} at {path} is damaged ({problem}); trying an older one"
+                log.warning(message)
+                print(f"warning: {message}", flush=True)
+        dist.broadcast_object_list(choice, src=0, group=self.group)
+        return (choice[0][0], Path(choice[0][1])) if choice[0] else None
 
-    def save(self, step: int, app_state: dict[str, Any], config: dict[str, Any]) -> None:
+    def save(self, step: int, app_state: dict[str, Any], config: dict[str, Any],
+             rank0_files: Callable[[Path], None] | None = None) -> None:
+        """Saves a checkpoint; `rank0_files(folder)` lets rank 0 add files of its own (the ledger)."""
         self.wait()
         tmp = self.folder / f"step-{step:07d}.tmp"
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
+            if rank0_files:
+                rank0_files(tmp)
         dist.barrier(group=self.group)
         torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank}.pt")
         meta = {"step": step, "world_size": dist.get_world_size(), "config": config, "time": time.time()}
@@ -113,7 +161,7 @@ class Checkpointer:
     def _finalize(self, step: int, tmp: Path, meta: dict) -> None:
         dist.barrier(group=self.group)
         if self.rank == 0:
-            (tmp / MARKER).write_text(json.dumps(meta, indent=1))
+            (tmp / MARKER).write_text(json.dumps({**meta, "files": file_digests(tmp)}, indent=1))
             final = self.folder / f"step-{step:07d}"
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)

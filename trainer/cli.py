@@ -1,4 +1,4 @@
-"""The `loom` command: prepare, stats, train, profile, plan.
+"""The `loom` command: prepare, stats, train, submit / status / logs / stop, profile, plan.
 
 Every mistake the user can make — a bad config, a missing dataset, an impossible layout — ends
 in one `loom: error: …` line and exit status 2 before any worker starts.
@@ -78,6 +78,25 @@ def describe_run(s: dict) -> str:
     return text
 
 
+def _submit(args: argparse.Namespace) -> None:
+    from launch.submit import submit
+
+    cfg = load_config(args.config, args.overrides)
+    check_job(cfg)
+    submit(cfg, args.address, wait=not args.no_wait, python=args.python)
+
+
+def _job(args: argparse.Namespace) -> None:
+    from launch import submit as jobs
+
+    if args.command == "status":
+        jobs.status(args.job, args.address)
+    elif args.command == "logs":
+        jobs.logs(args.job, args.address, args.follow)
+    else:
+        jobs.stop(args.job, args.address)
+
+
 def _profile(args: argparse.Namespace) -> None:
     from parallel.planner.profile import run_profile
 
@@ -118,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-3")
     t.set_defaults(func=_train)
 
+    sb = sub.add_parser("submit", help="run a train config on an existing Ray cluster (Ray Jobs API)")
+    sb.add_argument("config")
+    sb.add_argument("overrides", nargs="*", help="key=value overrides")
+    sb.add_argument("--address", required=True, help="the cluster's dashboard address, e.g. http://HEAD:8265")
+    sb.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    sb.add_argument("--python", default="python", help="the interpreter on the cluster")
+    sb.set_defaults(func=_submit)
+    for name, text in (("status", "a submitted job's state"), ("logs", "a submitted job's output"),
+                       ("stop", "stop a submitted job")):
+        j = sub.add_parser(name, help=text)
+        j.add_argument("job", help="the id `loom submit` printed")
+        j.add_argument("--address", required=True)
+        if name == "logs":
+            j.add_argument("--follow", action="store_true")
+        j.set_defaults(func=_job)
+
     f = sub.add_parser("profile", help="fit the cost model's coefficients on this machine's device")
     f.add_argument("config", help="train config YAML (its model is what gets timed)")
     f.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -137,12 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launch.errors import CollectiveTimeout, PlacementError
+    from parallel.adaptive import SequenceTooLong
     from trainer.prepare import PrepareError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the options (`loom submit CONFIG --address A k=v`)
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         args.func(args)
-    except (ConfigError, PrepareError, FileNotFoundError) as err:
+    except (ConfigError, PrepareError, FileNotFoundError, PlacementError, SequenceTooLong, CollectiveTimeout) as err:
         print(f"loom: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -119,6 +119,7 @@ class ClusterConfig:
     max_failures: int = 0
     profile: str = "auto"  # hardware profile for the cost model: auto (by device), H200, H100, cpu, or a JSON file
     nodes: int = 1  # for planning and placement: workers = nodes × GPUs per node
+    env: dict[str, str] = field(default_factory=dict)  # set in every worker (NCCL_*, GLOO_SOCKET_IFNAME, …)
     gpu_memory_gb: float = 0.0  # 0: the profile's
     intra_node_gbps: float = 0.0  # 0: the profile's
     inter_node_gbps: float = 0.0  # 0: the profile's
@@ -216,6 +217,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
         return _build(hint, value, key + ".")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        _, item = typing.get_args(hint)
+        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
         if not isinstance(value, (list, tuple)):

@@ -84,13 +84,15 @@ class StepLoader:
         self._thread: threading.Thread | None = None
         self.wait_s = 0.0  # time the trainer spent blocked on data since the last reset
         self._peeked = None
+        self.step_pieces: list[Piece] = []  # every rank's pieces of the step last handed out
 
     def _produce(self, epoch: int, cursor: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
             while not stop.is_set():
                 batches, epoch, cursor = self.sampler.take(epoch, cursor, self.sampler.global_microbatches)
                 mine = PackedSampler.shard(batches, self.dp_rank, self.dp_size)
-                item = ([build_batch(self.dataset, pieces) for pieces in mine], epoch, cursor)
+                everyone = [p for pieces in batches for p in pieces]
+                item = ([build_batch(self.dataset, pieces) for pieces in mine], epoch, cursor, everyone)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
@@ -120,7 +122,7 @@ class StepLoader:
     def next_step(self) -> list[PackedBatch]:
         item = self._peeked or self._fetch()
         self._peeked = None
-        batches, self.sampler.epoch, self.sampler.cursor = item
+        batches, self.sampler.epoch, self.sampler.cursor, self.step_pieces = item
         return batches
 
     def peek(self) -> list[PackedBatch]:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from launch.distributed import collective_guard
 from parallel.attention import LocalAttention, select_backend
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import ParallelDims
@@ -28,6 +29,7 @@ from trainer.adaptive_step import AdaptiveStep
 from trainer.checkpoint import Checkpointer, ModelAndOptimizer
 from trainer.config import JobConfig, dump_config
 from trainer.dataset import TokenDataset
+from trainer.ledger import Ledger
 from trainer.loader import IGNORE, PackedBatch, StepLoader
 from trainer.metrics import MetricsWriter, log0, peak_memory_gb, peak_tflops, plot_loss, training_flops
 from trainer.model import Transformer, num_params
@@ -92,6 +94,7 @@ class Trainer:
             self.loader = StepLoader(dataset, sampler, self.dims.dp_rank, self.dims.dp, cfg.data.prefetch)
             self.adaptive = None
         self.progress = Progress()
+        self.ledger = Ledger()
         self.checkpointer = Checkpointer(cfg.run_path / "checkpoints", cfg.checkpoint.keep_last,
                                          self.dims.checkpoint_group, cfg.checkpoint.async_save)
         self.peak = peak_tflops(self.device, cfg.cluster.peak_tflops)
@@ -106,11 +109,12 @@ class Trainer:
             return 0
         step, path = latest
         self.checkpointer.load(path, self.app_state())
+        self.ledger = Ledger.load(path)
         log0(f"resumed from {path} (step {self.progress.step}/{self.cfg.train.max_steps})")
         return step
 
     def save(self) -> None:
-        self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict())
+        self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict(), self.ledger.save)
 
     def shard(self, batch: PackedBatch) -> tuple[PackedBatch, Callable]:
         """This rank's tokens of a micro-batch and the attention that sees the rest of it."""
@@ -189,11 +193,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.loader.wait_s = 0.0
                 batches = self.loader.next_step()
-                result = self.train_step(batches)
+                with collective_guard(self.rank, f"step {self.progress.step + 1}", cfg.cluster.timeout_s):
+                    result = self.train_step(batches)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - t0
                 self.progress.step += 1
+                self.ledger.record(self.progress.step, self.loader.step_pieces)
                 losses.append(result["loss"])
                 flops_per_device = result["flops"] / dist.get_world_size()
                 record = {
@@ -206,9 +212,10 @@ class Trainer:
                 }
                 if writer:
                     writer.write(record)
-                self.checkpointer.wait()  # an async save started last step is finalised here
-                if self.progress.step % cfg.checkpoint.every == 0 or self.progress.step == stop_at:
-                    self.save()
+                with collective_guard(self.rank, f"the checkpoint of step {self.progress.step}", cfg.cluster.timeout_s):
+                    self.checkpointer.wait()  # an async save started last step is finalised here
+                    if self.progress.step % cfg.checkpoint.every == 0 or self.progress.step == stop_at:
+                        self.save()
                 if on_step:
                     on_step(self.progress.step)
             self.checkpointer.wait()
