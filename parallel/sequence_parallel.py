@@ -18,7 +18,7 @@ from parallel.ring import RingContext, ring_attention
 from parallel.sp_layout import SequenceLayout
 from parallel.ulysses import heads_to_seq, ulysses_qkv
 
-METHODS = ("ring", "ring_bidir", "ulysses", "hybrid")
+METHODS = ("ring", "ring_bidir", "ulysses", "hybrid", "allgather")
 
 
 @dataclass
@@ -47,7 +47,7 @@ def split_degree(method: str, degree: int, ulysses: int) -> tuple[int, int]:
     """(ring size R, Ulysses size U) of an SP group of `degree` ranks."""
     if method not in METHODS:
         raise ValueError(f"unknown sp.method '{method}' (choose from {', '.join(METHODS)})")
-    if method in ("ring", "ring_bidir"):
+    if method in ("ring", "ring_bidir", "allgather"):
         return degree, 1
     if method == "ulysses":
         return 1, degree
@@ -76,6 +76,7 @@ class SequenceParallelAttention:
 
 
 def make_layout(doc_lengths: list[int], groups: SPGroups, causal: bool = True, window: int = 0,
-                device: torch.device | str = "cpu") -> SequenceLayout:
-    return SequenceLayout(doc_lengths, groups.ring_size, groups.ulysses_size, zigzag=True, causal=causal,
+                device: torch.device | str = "cpu", zigzag: bool = True) -> SequenceLayout:
+    """zigzag=False: contiguous slices (models with linear attention: one state per rank)."""
+    return SequenceLayout(doc_lengths, groups.ring_size, groups.ulysses_size, zigzag=zigzag, causal=causal,
                           window=window, device=device)

@@ -40,10 +40,26 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attention_backend: str = "auto"  # auto | math | cpu_flash | flash | cudnn | flash_attn
+    layer_pattern: str = ""  # S = softmax, L = linear attention, repeated over the layers; "" = all S
+    linear_feature_map: str = "elu"  # identity | elu (elu + 1) | relu | silu
+    linear_decay: bool = True  # per-head decay (RetNet); false: plain linear attention
+    linear_chunk: int = 256  # chunk length of the chunkwise linear-attention computation
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    def layer_kinds(self) -> list[str]:
+        pattern = self.layer_pattern or "S"
+        return [pattern[i % len(pattern)] for i in range(self.n_layers)]
+
+    @property
+    def softmax_layers(self) -> int:
+        return self.layer_kinds().count("S")
+
+    @property
+    def has_linear(self) -> bool:
+        return "L" in self.layer_kinds()
 
     @property
     def hidden_dim(self) -> int:
@@ -93,7 +109,8 @@ class CheckpointConfig:
 @dataclass
 class SequenceParallelConfig:
     degree: int = 1
-    method: str = "ring"  # ring | ring_bidir | ulysses | hybrid
+    method: str = "ring"  # softmax layers: ring | ring_bidir | ulysses | hybrid | allgather (LASP-2H)
+    linear_method: str = "lasp2"  # linear-attention layers: lasp2 | lasp1
     ulysses: int = 0  # hybrid only: Ulysses ranks inside each ring rank; 0 = the largest that fits the heads
     mode: str = "static"  # static | adaptive (degree = the largest group; every step regroups all ranks)
     tokens_per_gpu: int = 0  # adaptive: activation budget per rank; 0 = from the cost model's memory estimate
@@ -197,7 +214,18 @@ def validate(cfg: JobConfig) -> None:
     for name in ("gpu_memory_gb", "intra_node_gbps", "inter_node_gbps"):
         _require(getattr(c, name) >= 0, f"cluster.{name} must be >= 0, got {getattr(c, name)}")
     p = cfg.parallel
-    _require(p.sp.method in ("ring", "ring_bidir", "ulysses", "hybrid"), f"unknown parallel.sp.method '{p.sp.method}'")
+    _require(p.sp.method in ("ring", "ring_bidir", "ulysses", "hybrid", "allgather"),
+             f"unknown parallel.sp.method '{p.sp.method}'")
+    _require(p.sp.linear_method in ("lasp2", "lasp1"), f"unknown parallel.sp.linear_method '{p.sp.linear_method}'")
+    _require(set(m.layer_pattern) <= {"S", "L"}, f"model.layer_pattern may hold only S and L, got '{m.layer_pattern}'")
+    _require(m.linear_feature_map in ("identity", "elu", "relu", "silu"),
+             f"unknown model.linear_feature_map '{m.linear_feature_map}'")
+    _require(m.linear_chunk > 0, f"model.linear_chunk must be positive, got {m.linear_chunk}")
+    if m.has_linear and p.sp.degree > 1:
+        _require(p.sp.method in ("ring", "ring_bidir", "allgather"),
+                 f"models with linear-attention layers use sp.method ring, ring_bidir or allgather, not {p.sp.method}")
+        _require(p.sp.mode == "static", "adaptive SP of models with linear-attention layers is not supported")
+        _require(not m.window, "sliding windows in models with linear-attention layers are not supported")
     _require(p.sp.mode in ("static", "adaptive"), f"unknown parallel.sp.mode '{p.sp.mode}'")
     _require(d.path != "", "data.path is not set (prepare a dataset with `loom prepare SRC OUT`)")
     _require(cfg.name != "" and "/" not in cfg.name, f"name must be a plain folder name, got '{cfg.name}'")

@@ -20,7 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from launch.distributed import collective_guard
+from parallel.allgather_attention import AllGatherAttention
 from parallel.attention import LocalAttention, select_backend
+from parallel.lasp import LocalLinearAttention, SequenceParallelLinear
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import ParallelDims
 from parallel.planner.cost_model import CostModel, hardware_profile
@@ -32,7 +34,7 @@ from trainer.dataset import TokenDataset
 from trainer.ledger import Ledger
 from trainer.loader import IGNORE, PackedBatch, StepLoader
 from trainer.metrics import MetricsWriter, log0, peak_memory_gb, peak_tflops, plot_loss, training_flops
-from trainer.model import Transformer, num_params
+from trainer.model import Mixers, Transformer, num_params
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.sampler import PackedSampler
 
@@ -116,16 +118,22 @@ class Trainer:
     def save(self) -> None:
         self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict(), self.ledger.save)
 
-    def shard(self, batch: PackedBatch) -> tuple[PackedBatch, Callable]:
-        """This rank's tokens of a micro-batch and the attention that sees the rest of it."""
-        window = self.cfg.model.window
+    def shard(self, batch: PackedBatch) -> tuple[PackedBatch, Mixers]:
+        """This rank's tokens of a micro-batch and the token mixing that sees the rest of it."""
+        m, sp = self.cfg.model, self.cfg.parallel.sp
         if self.sp_groups is None:
-            return batch, LocalAttention(self.backend, batch.cu_seqlens, batch.max_seqlen, window=window)
-        layout = make_layout(batch.doc_lengths(), self.sp_groups, window=window, device=self.device)
+            return batch, Mixers(LocalAttention(self.backend, batch.cu_seqlens, batch.max_seqlen, window=m.window),
+                                 LocalLinearAttention(batch.cu_seqlens, m.linear_chunk) if m.has_linear else None)
+        # linear layers pass one state per rank over contiguous slices; softmax-only models balance by zigzag
+        layout = make_layout(batch.doc_lengths(), self.sp_groups, window=m.window, device=self.device,
+                             zigzag=not m.has_linear)
         idx = torch.from_numpy(layout.indices(self.sp_groups.rank)).to(self.device)
         local = PackedBatch(batch.tokens[idx], batch.labels[idx], batch.positions[idx], batch.cu_seqlens,
                             batch.max_seqlen, batch.pieces)
-        return local, SequenceParallelAttention(layout, self.sp_groups, self.backend)
+        softmax = (AllGatherAttention(layout, self.sp_groups, self.backend) if sp.method == "allgather"
+                   else SequenceParallelAttention(layout, self.sp_groups, self.backend))
+        linear = SequenceParallelLinear(layout, self.sp_groups, sp.linear_method, m.linear_chunk) if m.has_linear else None
+        return local, Mixers(softmax, linear)
 
     def static_work(self, batches: list[PackedBatch]):
         """This rank's micro-batches (its SP share of its dp share), the step's label count, its FLOPs."""

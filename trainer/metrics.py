@@ -48,7 +48,7 @@ def training_flops(cfg: ModelConfig, doc_lengths: list[int]) -> float:
             pairs += w * (w + 1) // 2 + (length - w) * w
         else:
             pairs += length * (length + 1) // 2
-    attention = 3 * 4 * cfg.n_heads * hd * cfg.n_layers * pairs
+    attention = 3 * 4 * cfg.n_heads * hd * cfg.softmax_layers * pairs
     return 6.0 * dense * tokens + attention
 
 

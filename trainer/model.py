@@ -1,23 +1,36 @@
-"""Llama-style decoder over a packed token stream: RMSNorm, RoPE, GQA attention, SwiGLU.
+"""Llama-style decoder over a packed token stream: RMSNorm, RoPE, GQA attention, SwiGLU, and
+optionally linear-attention layers (a hybrid model, `layer_pattern` such as "LLLS").
 
 The model sees one micro-batch as a flat stream of T tokens holding several documents. It
-never builds masks itself: attention is a callable `attend(q, k, v)` handed in per micro-batch
-(local, ring, Ulysses …), which keeps documents apart. RoPE uses the per-document positions
-of the batch, so every document starts at position 0.
+never builds masks itself: token mixing comes in per micro-batch as `Mixers` — a softmax
+`attend(q, k, v)` (local, ring, Ulysses …) and a linear `attend(q, k, v, log_decay)` (local,
+LASP-2 …) — which keep documents apart. RoPE (softmax layers) uses the per-document positions of
+the batch, so every document starts at position 0; linear layers mark order by their decay.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from parallel.linear_attention import FEATURE_MAPS, decay_rates
 from trainer.config import ModelConfig
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LinearAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Mixers:
+    """How tokens of one micro-batch mix: softmax attention, and linear attention if the model has it."""
+
+    softmax: Attend
+    linear: LinearAttend | None = None
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +57,37 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mixers: Mixers) -> torch.Tensor:
         t = x.shape[0]
         q = self.wq(x).view(t, -1, self.head_dim)
         k = self.wk(x).view(t, -1, self.head_dim)
         v = self.wv(x).view(t, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q.contiguous(), k.contiguous(), v.contiguous())
+        out = mixers.softmax(q.contiguous(), k.contiguous(), v.contiguous())
         return self.wo(out.reshape(t, -1))
+
+
+class LinearAttention(nn.Module):
+    """Causal linear attention with per-head decay (feature map on q and k, RMS-normalised heads)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.head_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.feature_map = FEATURE_MAPS[cfg.linear_feature_map]
+        self.register_buffer("log_decay", decay_rates(cfg.n_kv_heads, cfg.linear_decay), persistent=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mixers: Mixers) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.feature_map(self.wq(x).view(t, -1, self.head_dim)) * self.head_dim ** -0.5
+        k = self.feature_map(self.wk(x).view(t, -1, self.head_dim))
+        v = self.wv(x).view(t, -1, self.head_dim)
+        out = mixers.linear(q.contiguous(), k.contiguous(), v.contiguous(), self.log_decay)
+        return self.wo(self.head_norm(out).reshape(t, -1))
 
 
 class FeedForward(nn.Module):
@@ -66,15 +102,15 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kind: str = "S"):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg) if kind == "S" else LinearAttention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, attend)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mixers: Mixers) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mixers)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -83,7 +119,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, kind) for kind in cfg.layer_kinds())
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -102,12 +138,14 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """Logits [T, vocab] for a packed stream of T tokens."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mixers: Mixers | Attend) -> torch.Tensor:
+        """Logits [T, vocab] for a packed stream of T tokens (a bare callable: softmax attention only)."""
+        if not isinstance(mixers, Mixers):
+            mixers = Mixers(mixers)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin, attend)
+            h = layer(h, cos, sin, mixers)
         return self.output(self.norm(h))
 
 

@@ -95,7 +95,7 @@ class CostModel:
         if m.window:
             w = float(m.window)
             pairs = np.where(n > w, w * (w + 1) / 2 + (n - w) * w, pairs)
-        return 3.5 * 4 * m.n_heads * m.head_dim * m.n_layers * pairs
+        return 3.5 * 4 * m.n_heads * m.head_dim * m.softmax_layers * pairs
 
     def linear_flops_per_token(self) -> float:
         m = self.model
