@@ -1,4 +1,4 @@
-"""The `loom` command: prepare, stats, train, submit / status / logs / stop, profile, plan.
+"""The `loom` command: prepare, stats, train, submit / status / logs / stop, export, profile, plan.
 
 Every mistake the user can make — a bad config, a missing dataset, an impossible layout — ends
 in one `loom: error: …` line and exit status 2 before any worker starts.
@@ -97,6 +97,12 @@ def _job(args: argparse.Namespace) -> None:
         jobs.stop(args.job, args.address)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from trainer.export import export
+
+    export(args.run_dir, args.out)
+
+
 def _profile(args: argparse.Namespace) -> None:
     from parallel.planner.profile import run_profile
 
@@ -152,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             j.add_argument("--follow", action="store_true")
         j.set_defaults(func=_job)
+
+    e = sub.add_parser("export", help="the newest checkpoint as a Hugging Face Llama (safetensors)")
+    e.add_argument("run_dir", help="a run folder (runs/NAME)")
+    e.add_argument("out", help="output folder for model.safetensors and config.json")
+    e.set_defaults(func=_export)
 
     f = sub.add_parser("profile", help="fit the cost model's coefficients on this machine's device")
     f.add_argument("config", help="train config YAML (its model is what gets timed)")
