@@ -19,15 +19,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     collectives inside, such as the ring's, simply run again in the same order on every rank)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block)
+    for name, block in list(model.layers.items()):
+        model.layers[name] = checkpoint_wrapper(block)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,
                reshard_after_forward: bool = True) -> FSDPModule:
-    """Shards each transformer block, then the rest of the model, over `mesh`."""
+    """Shards each transformer block, then the rest of the model (a pipeline stage: what it holds), over `mesh`."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.layers:
+    for block in model.layers.values():
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model

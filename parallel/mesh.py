@@ -19,7 +19,7 @@ from parallel.sequence_parallel import SPGroups, split_degree
 from parallel.ulysses import check_heads
 from trainer.config import ConfigError, JobConfig
 
-IMPLEMENTED = {"tp": 1, "pp": 1}  # degrees above these are not built yet
+IMPLEMENTED: dict[str, int] = {}  # degrees above these are not built yet
 
 
 def auto_ulysses(degree: int, n_heads: int, n_kv_heads: int, tp: int) -> int:
@@ -94,13 +94,22 @@ class ParallelDims:
         return dims
 
     def check_model(self, cfg: JobConfig) -> None:
-        m = cfg.model
+        m, p = cfg.model, cfg.parallel
+        stages = self.pp * (p.pp_virtual if self.pp > 1 else 1)
+        if self.pp > 1:
+            if m.n_layers % stages:
+                raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by pp × pp_virtual = {stages} stages")
+            microbatches = cfg.train.global_microbatches // max(1, self.dp)
+            if microbatches < self.pp or (p.pp_schedule == "interleaved_1f1b" and microbatches % self.pp):
+                raise ConfigError(f"pp={self.pp} needs at least pp micro-batches per data-parallel rank "
+                                  f"(a multiple of pp for interleaved 1F1B); train.global_microbatches / dp = "
+                                  f"{microbatches}")
+            if self.adaptive:
+                raise ConfigError("adaptive SP with pp > 1 is not supported")
         if m.n_heads % (self.tp * self.ulysses):
             raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by tp × ulysses = {self.tp * self.ulysses}")
-        if m.n_layers % self.pp:
-            raise ConfigError(f"model.n_layers={m.n_layers} is not divisible by pp={self.pp}")
-        if m.n_kv_heads % self.tp and self.tp % m.n_kv_heads:
-            raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} and tp={self.tp}: one must divide the other")
+        if m.n_kv_heads % self.tp:
+            raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} is not divisible by tp={self.tp}")
 
     def build(self, device: torch.device) -> "ParallelDims":
         """Creates the device mesh and every process group (call once per worker, on every rank)."""
@@ -147,6 +156,14 @@ class ParallelDims:
     @property
     def dp_rank(self) -> int:
         return self.dp_mesh.get_local_rank()
+
+    @property
+    def tp_rank(self) -> int:
+        return self.mesh["tp"].get_local_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh["pp"].get_local_rank()
 
     def sp_groups(self) -> SPGroups:
         return SPGroups(self.ring, self.ulysses, self.mesh["ring"].get_local_rank(),

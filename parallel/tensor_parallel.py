@@ -15,7 +15,6 @@ parallelism and recompute.
 
 from __future__ import annotations
 
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
@@ -27,12 +26,15 @@ from trainer.model import LinearAttention, Transformer
 def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
     tp = mesh.size()
     rank = mesh.get_local_rank()
-    parallelize_module(model, mesh, {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
-        "norm": SequenceParallel(sequence_dim=0),
-        "output": ColwiseParallel(input_layouts=Shard(0), output_layouts=Shard(-1), use_local_output=False),
-    })
-    for block in model.layers:
+    top = {}
+    if model.tok_embeddings is not None:  # (a pipeline stage holds only some of these)
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+    if model.output is not None:
+        top["norm"] = SequenceParallel(sequence_dim=0)
+        top["output"] = ColwiseParallel(input_layouts=Shard(0), output_layouts=Shard(-1), use_local_output=False)
+    if top:
+        parallelize_module(model, mesh, top)
+    for block in model.layers.values():
         plan = {
             "attention_norm": SequenceParallel(sequence_dim=0),
             "attention": PrepareModuleInput(input_layouts=(Shard(0), None, None, None),
@@ -47,6 +49,9 @@ def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(0)),
         }
+        if isinstance(block.attention, LinearAttention):
+            # heads are sharded over tp: the per-head norm's weight is shared, its gradient summed over tp
+            plan["attention.head_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
         parallelize_module(block, mesh, plan)
         if isinstance(block.attention, LinearAttention):  # this rank's K/V heads keep their own decay
             heads = block.attention.log_decay.numel() // tp
@@ -61,5 +66,3 @@ def check_tp(n_heads: int, n_kv_heads: int, tp: int) -> str:
         return f"model.n_kv_heads={n_kv_heads} is not divisible by tp={tp}"
     return ""
 
-
-__all__ = ["apply_tp", "check_tp", "nn"]

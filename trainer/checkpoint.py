@@ -36,18 +36,29 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class ModelAndOptimizer(Stateful):
-    """Model and optimizer state in DCP's sharded form."""
+    """Model and optimizer state in DCP's sharded form, keyed by parameter name, so a checkpoint
+    reshards between layouts — also between one model and the parts of a pipeline (one optimizer
+    per part; the parts' names never overlap)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def __init__(self, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]):
+        self.parts, self.optimizers = parts, optimizers
 
     def state_dict(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
+        model, optim = {}, {}
+        for part, optimizer in zip(self.parts, self.optimizers):
+            model_sd, optim_sd = get_state_dict(part, optimizer, options=self.OPTIONS)
+            model.update(model_sd)
+            optim.update(optim_sd)
+        return {"model": model, "optim": optim}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=StateDictOptions(strict=True))
+        for part, optimizer in zip(self.parts, self.optimizers):
+            own_model, own_optim = get_state_dict(part, optimizer, options=self.OPTIONS)
+            set_state_dict(part, optimizer, model_state_dict={k: state["model"][k] for k in own_model},
+                           optim_state_dict={k: state["optim"][k] for k in own_optim},
+                           options=StateDictOptions(strict=True, flatten_optimizer_state_dict=True))
 
 
 def rng_state() -> dict[str, Any]:

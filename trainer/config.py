@@ -122,6 +122,8 @@ class ParallelConfig:
     dp: int = -1  # -1: every worker not used by tp/pp/sp
     tp: int = 1
     pp: int = 1
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b
+    pp_virtual: int = 1  # stages per pipeline rank (interleaved_1f1b: ≥ 2)
     sp: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
 
 
@@ -217,6 +219,10 @@ def validate(cfg: JobConfig) -> None:
     _require(p.sp.method in ("ring", "ring_bidir", "ulysses", "hybrid", "allgather"),
              f"unknown parallel.sp.method '{p.sp.method}'")
     _require(p.sp.linear_method in ("lasp2", "lasp1"), f"unknown parallel.sp.linear_method '{p.sp.linear_method}'")
+    _require(p.pp_schedule in ("1f1b", "interleaved_1f1b"), f"unknown parallel.pp_schedule '{p.pp_schedule}'")
+    _require(p.pp_virtual >= 1, f"parallel.pp_virtual must be >= 1, got {p.pp_virtual}")
+    _require(p.pp_schedule == "1f1b" or p.pp_virtual >= 2,
+             "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual >= 2 stages per rank")
     _require(set(m.layer_pattern) <= {"S", "L"}, f"model.layer_pattern may hold only S and L, got '{m.layer_pattern}'")
     _require(m.linear_feature_map in ("identity", "elu", "relu", "silu"),
              f"unknown model.linear_feature_map '{m.linear_feature_map}'")

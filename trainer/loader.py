@@ -29,10 +29,18 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # [docs + 1] int32
     max_seqlen: int
     pieces: list[Piece] = field(default_factory=list)
+    real_tokens: int = -1  # tokens before padding (-1: no padding)
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.numel())
+
+    @property
+    def num_real(self) -> int:
+        """Tokens of documents (padding and the idle micro-batch of adaptive SP excluded)."""
+        if not self.pieces:
+            return 0
+        return self.num_tokens if self.real_tokens < 0 else self.real_tokens
 
     def num_labels(self) -> int:
         return int((self.labels != IGNORE).sum())
@@ -43,7 +51,7 @@ class PackedBatch:
     def to(self, device: torch.device | str) -> "PackedBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(move(self.tokens), move(self.labels), move(self.positions),
-                           move(self.cu_seqlens), self.max_seqlen, self.pieces)
+                           move(self.cu_seqlens), self.max_seqlen, self.pieces, self.real_tokens)
 
 
 def build_batch(dataset: TokenDataset, pieces: list[Piece]) -> PackedBatch:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
 
 from launch.distributed import collective_guard
 from parallel.allgather_attention import AllGatherAttention
@@ -26,7 +27,9 @@ from parallel.lasp import LocalLinearAttention, SequenceParallelLinear
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
 from parallel.mesh import ParallelDims
 from parallel.planner.cost_model import CostModel, hardware_profile
+from parallel.pipeline import Pipeline, clip_grad_norm, split_model, stage_ids
 from parallel.sequence_parallel import SequenceParallelAttention, make_layout
+from parallel.tensor_parallel import apply_tp
 from trainer.adaptive_step import AdaptiveStep
 from trainer.checkpoint import Checkpointer, ModelAndOptimizer
 from trainer.config import JobConfig, dump_config
@@ -35,7 +38,7 @@ from trainer.ledger import Ledger
 from trainer.loader import IGNORE, PackedBatch, StepLoader
 from trainer.metrics import MetricsWriter, log0, peak_memory_gb, peak_tflops, plot_loss, training_flops
 from trainer.model import Mixers, Transformer, num_params
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import Schedules, build_optimizer, build_scheduler
 from trainer.sampler import PackedSampler
 
 
@@ -72,18 +75,31 @@ class Trainer:
         self.device = device or worker_device()
         self.rank = dist.get_rank()
         self.dims = ParallelDims.from_config(cfg, dist.get_world_size()).build(self.device)
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # the whole model is initialised alike on every rank, then split
         model = Transformer(cfg.model).to(self.device)
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        self.params = num_params(model)
         self.dtype = compute_dtype(cfg, self.device)
-        # adaptive groups run different numbers of micro-batches: gather once per step (see train_step)
-        self.model = apply_fsdp(model, self.dims.fsdp_mesh, param_dtype=self.dtype,
-                                reshard_after_forward=not self.dims.adaptive)
-        self.sp_groups = self.dims.sp_groups() if self.dims.sp > 1 and not self.dims.adaptive else None
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        p, dims = cfg.parallel, self.dims
+        virtual = p.pp_virtual if dims.pp > 1 else 1
+        self.stages = stage_ids(dims.pp_rank, dims.pp, virtual) if dims.pp > 1 else [0]
+        self.parts = [split_model(model, s, dims.pp * virtual) for s in self.stages] if dims.pp > 1 else [model]
+        for part in self.parts:  # the torchtitan order: tp, activation checkpointing, fsdp
+            if dims.tp > 1:
+                apply_tp(part, dims.mesh["tp"])
+            if cfg.train.activation_checkpointing:
+                apply_activation_checkpointing(part)
+            # adaptive groups run different numbers of micro-batches: gather once per step (see train_step)
+            apply_fsdp(part, dims.fsdp_mesh, param_dtype=self.dtype, reshard_after_forward=not dims.adaptive)
+        self.model = self.parts[0]
+        self.sp_groups = dims.sp_groups() if dims.sp > 1 and not dims.adaptive else None
+        self.optimizers = [build_optimizer(part, cfg.optim) for part in self.parts]
+        self.schedulers = Schedules([build_scheduler(o, cfg.optim, cfg.train.max_steps) for o in self.optimizers])
         self.backend = select_backend(cfg.model.attention_backend, self.device)
+        self.pipeline = None
+        if dims.pp > 1:
+            self.pipeline = Pipeline(self.parts, self.stages, dims.pp * virtual, cfg.train.global_microbatches // dims.dp,
+                                     p.pp_schedule, dims.mesh["pp"].get_group(), self.device, self.pipeline_loss)
+            self.loss_scale = 0.0
         dataset = TokenDataset(cfg.data.path)
         sampler = PackedSampler(dataset.lengths, cfg.data.context_len, cfg.data.tokens_per_microbatch,
                                 cfg.train.global_microbatches, cfg.data.seed, cfg.data.bucket_edges,
@@ -102,7 +118,7 @@ class Trainer:
         self.peak = peak_tflops(self.device, cfg.cluster.peak_tflops)
 
     def app_state(self) -> dict[str, Any]:
-        return {"train": ModelAndOptimizer(self.model, self.optimizer), "scheduler": self.scheduler,
+        return {"train": ModelAndOptimizer(self.parts, self.optimizers), "scheduler": self.schedulers,
                 "loader": self.loader, "progress": self.progress}
 
     def resume(self) -> int:
@@ -119,14 +135,25 @@ class Trainer:
         self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict(), self.ledger.save)
 
     def shard(self, batch: PackedBatch) -> tuple[PackedBatch, Mixers]:
-        """This rank's tokens of a micro-batch and the token mixing that sees the rest of it."""
+        """This rank's tokens of a micro-batch and the token mixing that sees the rest of it, padded
+        to a multiple of tp (sequence-parallel activations) or, with pp, to the pipeline's fixed length."""
+        local, mixers = self.sp_shard(batch)
+        if self.pipeline is not None:
+            sp = self.dims.sp
+            length = -(-self.cfg.data.tokens_per_microbatch // sp)
+        else:
+            length = local.num_tokens
+        return pad_to(local, mixers, -(-length // self.dims.tp) * self.dims.tp)
+
+    def sp_shard(self, batch: PackedBatch) -> tuple[PackedBatch, Mixers]:
         m, sp = self.cfg.model, self.cfg.parallel.sp
         if self.sp_groups is None:
             return batch, Mixers(LocalAttention(self.backend, batch.cu_seqlens, batch.max_seqlen, window=m.window),
                                  LocalLinearAttention(batch.cu_seqlens, m.linear_chunk) if m.has_linear else None)
-        # linear layers pass one state per rank over contiguous slices; softmax-only models balance by zigzag
+        # linear layers pass one state per rank over contiguous slices, and pipeline stages need a
+        # bounded length per rank; otherwise documents are balanced by zigzag
         layout = make_layout(batch.doc_lengths(), self.sp_groups, window=m.window, device=self.device,
-                             zigzag=not m.has_linear)
+                             zigzag=not m.has_linear and self.pipeline is None)
         idx = torch.from_numpy(layout.indices(self.sp_groups.rank)).to(self.device)
         local = PackedBatch(batch.tokens[idx], batch.labels[idx], batch.positions[idx], batch.cu_seqlens,
                             batch.max_seqlen, batch.pieces)
@@ -138,9 +165,10 @@ class Trainer:
     def static_work(self, batches: list[PackedBatch]):
         """This rank's micro-batches (its SP share of its dp share), the step's label count, its FLOPs."""
         shards = [self.shard(b.to(self.device)) for b in batches]
-        labels = torch.tensor([float(sum(b.num_labels() for b, _ in shards))], dtype=torch.float64)
+        counts = self.dims.tp_rank == 0 and self.dims.pp_rank == 0  # tp and pp ranks share tokens: count once
+        labels = torch.tensor([float(sum(b.num_labels() for b, _ in shards)) * counts], dtype=torch.float64)
         dist.all_reduce(labels)
-        flops = training_flops(self.cfg.model, [n for b in batches for n in b.doc_lengths()]) / self.dims.sp
+        flops = training_flops(self.cfg.model, [n for b in batches for n in b.doc_lengths()]) / self.dims.sp * counts
         return shards, labels.item(), flops, {}
 
     def adaptive_work(self, batches: list[PackedBatch]):
@@ -153,41 +181,66 @@ class Trainer:
                 "plan_gap": plan.gap, "solver": plan.solver}
         return items, float(sum(b.num_labels() for b in batches)), flops, info
 
+    def run_microbatches(self, items: list[tuple[PackedBatch, Mixers]], loss_scale: float) -> float:
+        """Forward and backward of each micro-batch in turn; the summed token loss."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, (batch, mixers) in enumerate(items):
+            last = i == len(items) - 1
+            self.model.set_requires_gradient_sync(last)
+            if self.adaptive:  # keep weights gathered until this rank's last backward
+                self.model.set_reshard_after_backward(last)
+            with self.autocast():
+                logits = self.model(batch.tokens, batch.positions, mixers)
+            with loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext():  # tp: logits sharded by vocabulary
+                loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum")
+                (loss * loss_scale).backward()
+            loss_sum += full(loss).detach().double()
+        return loss_sum.item()
+
+    def run_pipeline(self, items: list[tuple[PackedBatch, Mixers]], loss_scale: float) -> float:
+        """The step's micro-batches through the pipeline schedule; the last stage's summed token loss."""
+        self.loss_scale = loss_scale
+        tokens = torch.stack([b.tokens for b, _ in items])
+        labels = torch.stack([b.labels for b, _ in items])
+        with self.autocast(), loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext():
+            losses = self.pipeline.step(tokens, labels, [(b.positions, mixers) for b, mixers in items])
+        return sum(float(full(loss).detach()) for loss in losses) / loss_scale
+
+    def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        return loss * self.loss_scale
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
     def train_step(self, batches: list[PackedBatch]) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns the global figures."""
         items, global_labels, flops, info = (self.adaptive_work if self.adaptive else self.static_work)(batches)
         # FSDP averages over its dp × sp ranks: see parallel/data_parallel.py
         loss_scale = self.dims.dp * self.dims.sp / global_labels
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
-                    else contextlib.nullcontext())
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (batch, attend) in enumerate(items):
-            last = i == len(items) - 1
-            self.model.set_requires_gradient_sync(last)
-            if self.adaptive:  # keep weights gathered until this rank's last backward
-                self.model.set_reshard_after_backward(last)
-            with autocast:
-                logits = self.model(batch.tokens, batch.positions, attend)
-            loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum")
-            (loss * loss_scale).backward()
-            loss_sum += loss.detach().double()
-        lr = self.scheduler.get_last_lr()[0]
-        clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        figures = torch.tensor([loss_sum.item(), sum(b.num_tokens for b, _ in items if b.pieces), flops],
+        loss_sum = (self.run_pipeline if self.pipeline else self.run_microbatches)(items, loss_scale)
+        lr = self.schedulers.last_lr()
+        params = [p for part in self.parts for p in part.parameters()]
+        norm = clip_grad_norm(params, self.cfg.optim.grad_clip,
+                              self.dims.mesh["pp"].get_group() if self.dims.pp > 1 else None)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        self.schedulers.step()
+        first = self.dims.tp_rank == 0 and self.dims.pp_rank == 0
+        last = self.dims.tp_rank == 0 and (self.pipeline is None or self.pipeline.last)
+        figures = torch.tensor([loss_sum * last, sum(b.num_real for b, _ in items) * first, flops],
                                dtype=torch.float64)
         dist.all_reduce(figures)
-        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         return {"loss": figures[0].item() / global_labels, "tokens": int(figures[1].item()),
-                "flops": figures[2].item(), "grad_norm": float(norm), "lr": lr, **info}
+                "flops": figures[2].item(), "grad_norm": norm, "lr": lr, **info}
 
     def fit(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Trains to max_steps (or run_steps more); `on_step(step)` runs after each step."""
         cfg = self.cfg
-        log0(f"model: {num_params(self.model) / 1e6:.2f}M parameters, {str(self.dtype).split('.')[-1]} compute, "
+        log0(f"model: {self.params / 1e6:.2f}M parameters, {str(self.dtype).split('.')[-1]} compute, "
              f"attention backend '{self.backend.name}', layout {self.dims.describe()}, device {self.device.type}")
         start = self.resume()
         if self.rank == 0:
@@ -236,6 +289,33 @@ class Trainer:
         plot = plot_loss(cfg.run_path) if self.rank == 0 and losses else None
         return {"start_step": start, "step": self.progress.step, "max_steps": cfg.train.max_steps,
                 "losses": losses, "loss_plot": str(plot) if plot else None}
+
+
+def full(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor's global value (the loss under tensor parallelism), a plain tensor as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def pad_to(batch: PackedBatch, mixers: Mixers, length: int) -> tuple[PackedBatch, Mixers]:
+    """Pads the token stream to `length` with label-less tokens; mixing sees the real rows only."""
+    pad = length - batch.num_tokens
+    if pad == 0:
+        return batch, mixers
+    n = batch.num_tokens
+    extend = lambda t, value: torch.cat([t, t.new_full((pad,), value)])  # noqa: E731
+    padded = PackedBatch(extend(batch.tokens, 0), extend(batch.labels, IGNORE), extend(batch.positions, 0),
+                         batch.cu_seqlens, batch.max_seqlen, batch.pieces, real_tokens=n)
+
+    def strip(fn):
+        if fn is None:
+            return None
+
+        def mix(q, k, v, *rest):
+            out = fn(q[:n], k[:n], v[:n], *rest)
+            return torch.cat([out, out.new_zeros((pad, *out.shape[1:]))])
+        return mix
+
+    return padded, Mixers(strip(mixers.softmax), strip(mixers.linear))
 
 
 def adaptive_budget(cfg: JobConfig, device: torch.device) -> tuple[CostModel, int]:

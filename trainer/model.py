@@ -119,7 +119,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(TransformerBlock(cfg, kind) for kind in cfg.layer_kinds())
+        # a dict keyed by layer index, so a pipeline stage keeps its layers' names when it drops the rest
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, kind) for i, kind in enumerate(cfg.layer_kinds())})
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -130,7 +131,7 @@ class Transformer(nn.Module):
     def init_weights(self) -> None:
         std = self.cfg.init_std
         depth_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
+        for name, p in self.named_parameters():  # (full model only: init happens before any split)
             if p.ndim == 1:
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
@@ -139,14 +140,16 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mixers: Mixers | Attend) -> torch.Tensor:
-        """Logits [T, vocab] for a packed stream of T tokens (a bare callable: softmax attention only)."""
+        """Logits [T, vocab] for a packed stream of T tokens (a bare callable: softmax attention only).
+        A pipeline stage without the embedding takes hidden states instead of tokens, and one
+        without the output layer returns hidden states."""
         if not isinstance(mixers, Mixers):
             mixers = Mixers(mixers)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
             h = layer(h, cos, sin, mixers)
-        return self.output(self.norm(h))
+        return self.output(self.norm(h)) if self.output is not None else h
 
 
 def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:

@@ -17,7 +17,7 @@ from parallel.planner.cost_model import hardware_profile
 from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch
 from trainer.config import ConfigError, JobConfig, config_from_dict, dump_config
 
-IMPLEMENTED = {"tp": 1, "pp": 1}  # degrees this version of Loom can run (see parallel/mesh.py)
+from parallel.mesh import IMPLEMENTED  # degrees this version of Loom can run
 
 
 def cluster_spec(cfg: JobConfig) -> Cluster:

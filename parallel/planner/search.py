@@ -224,11 +224,15 @@ class PlanSearch:
         c.feasible = True
         c.tokens_per_s = self.global_tokens / c.step_s
         c.mfu = self.model_flops_per_token * self.global_tokens / (c.step_s * self.cluster.gpus * self.peak * 1e12)
-        missing = [f"{k}={getattr(c, k)}" for k, limit in self.implemented.items() if getattr(c, k) > limit]
+        missing = self.missing(c)
         c.runnable = not missing
         if missing:
             c.verdict = f"needs {', '.join(missing)} (not in this version of Loom)"
         return c
+
+    def missing(self, c: Candidate) -> list[str]:
+        """Degrees of the candidate this version of Loom cannot run."""
+        return [f"{k}={getattr(c, k)}" for k, limit in self.implemented.items() if getattr(c, k) > limit]
 
     # ------------------------------------------------------------------ the space
 
@@ -236,7 +240,7 @@ class PlanSearch:
         gpus, m = self.cluster.gpus, self.model
         out = []
         for tp in powers_of_two(min(self.cluster.gpus_per_node, m.n_heads)):
-            if m.n_heads % tp or (m.n_kv_heads % tp and tp % m.n_kv_heads):
+            if m.n_heads % tp or m.n_kv_heads % tp:
                 continue
             for pp in powers_of_two(m.n_layers):
                 if m.n_layers % pp or gpus % (tp * pp):
@@ -256,7 +260,7 @@ class PlanSearch:
         gpus, m = self.cluster.gpus, self.model
         out = []
         for tp in powers_of_two(min(self.cluster.gpus_per_node, m.n_heads)):
-            if m.n_heads % tp or (m.n_kv_heads % tp and tp % m.n_kv_heads) or gpus % tp:
+            if m.n_heads % tp or m.n_kv_heads % tp or gpus % tp:
                 continue
             pool = gpus // tp
             for sp in powers_of_two(pool)[1:]:
@@ -285,7 +289,7 @@ class PlanSearch:
                     found.append(self.evaluate(c))  # rejected, with its reason
             for bound, c in sorted(pending, key=lambda p: p[0]):
                 if bound >= best:  # step_s, tokens/s and MFU are bounds here
-                    c.step_s, c.feasible, c.runnable = bound, True, c.tp <= self.implemented.get("tp", c.tp)
+                    c.step_s, c.feasible, c.runnable = bound, True, not self.missing(c)
                     c.tokens_per_s = self.global_tokens / bound
                     c.mfu = self.model_flops_per_token * self.global_tokens / (bound * self.cluster.gpus * self.peak * 1e12)
                     c.verdict = "slower: its lower bound is above the best"
