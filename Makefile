@@ -10,7 +10,7 @@ DEMO_DATA := data/stdlib
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
 # Prepare the Python standard library's sources (skipped when up to date), show their length

@@ -78,7 +78,39 @@ def test_resume_onto_other_layouts_continues_the_loss(small_dataset, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
 
 
+def test_deepspeed_zero_stages_equal_one_process(small_dataset, tmp_path, monkeypatch):
+    """ZeRO 1, 2 and 3 on two ranks (DeepSpeed owns optimizer, schedule and clipping), and a ZeRO-3
+    run resumed from DeepSpeed's checkpoint inside Loom's, against one FSDP process."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    ov = base(small_dataset, tmp_path) + ["train.max_steps=6", "checkpoint.every=3"]
+    (reference, _), = run_ranks(train_rank, 1, ov + ["name=reference"])
+    runs = {f"zero{s}": ov + [f"name=zero{s}", "parallel.dp_engine=deepspeed", f"parallel.zero_stage={s}"]
+            for s in (1, 2, 3)}
+    runs["zero3-part1"] = ov + ["name=zero3r", "parallel.dp_engine=deepspeed", "parallel.zero_stage=3",
+                                "train.run_steps=3"]
+    runs["zero3-part2"] = ov + ["name=zero3r", "parallel.dp_engine=deepspeed", "parallel.zero_stage=3"]
+    losses = run_ranks(several_layouts, 2, runs)[0]
+    for stage in (1, 2, 3):
+        torch.testing.assert_close(torch.tensor(losses[f"zero{stage}"]), torch.tensor(reference["losses"]),
+                                   rtol=1e-5, atol=0)
+    resumed = losses["zero3-part1"] + losses["zero3-part2"]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
+
+
+def test_deepspeed_settings_of_the_user_are_kept():
+    from parallel.deepspeed_engine import ds_config
+    from trainer.config import load_config
+
+    cfg = load_config("configs/train/demo.yaml", ["parallel.dp_engine=deepspeed", "parallel.zero_stage=3",
+                                                  "parallel.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}}}",
+                                                  "optim.grad_clip=0.5"])
+    ds = ds_config(cfg, microbatches_per_rank=4, bf16=False)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+
+
 @pytest.mark.parametrize("override, message", [
+    (["cluster.workers=2", "parallel.dp_engine=deepspeed", "parallel.tp=2"], "parallel.dp_engine=deepspeed runs data parallelism only"),
     (["cluster.workers=4", "parallel.tp=3"], "4 workers cannot hold pp=1 × tp=3 × sp=1"),
     (["cluster.workers=4", "parallel.tp=4"], "model.n_kv_heads=2 is not divisible by tp=4"),
     (["cluster.workers=2", "parallel.pp=2", "model.n_layers=3"], "model.n_layers=3 is not divisible by pp × pp_virtual = 2 stages"),

@@ -26,6 +26,8 @@ def train_rank(rank: int, world: int, overrides: list[str], kill_rank0_after: in
             os.kill(os.getpid(), signal.SIGKILL)
 
     result = trainer.fit(on_step)
+    if trainer.engine is not None or trainer.pipeline is not None:  # compared by their losses
+        return result, None
     params = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return result, params if rank == 0 else None
 

@@ -141,8 +141,10 @@ class Checkpointer:
         return (choice[0][0], Path(choice[0][1])) if choice[0] else None
 
     def save(self, step: int, app_state: dict[str, Any], config: dict[str, Any],
-             rank0_files: Callable[[Path], None] | None = None) -> None:
-        """Saves a checkpoint; `rank0_files(folder)` lets rank 0 add files of its own (the ledger)."""
+             rank0_files: Callable[[Path], None] | None = None,
+             every_rank_files: Callable[[Path], None] | None = None) -> None:
+        """Saves a checkpoint; `rank0_files(folder)` lets rank 0 add files of its own (the ledger),
+        `every_rank_files(folder)` every rank (an engine's collective save, e.g. DeepSpeed's)."""
         self.wait()
         tmp = self.folder / f"step-{step:07d}.tmp"
         if self.rank == 0:
@@ -152,6 +154,8 @@ class Checkpointer:
                 rank0_files(tmp)
         dist.barrier(group=self.group)
         torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank}.pt")
+        if every_rank_files:
+            every_rank_files(tmp)
         meta = {"step": step, "world_size": dist.get_world_size(), "config": config, "time": time.time()}
         if self.async_save:
             future = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self.group)

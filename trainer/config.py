@@ -124,6 +124,9 @@ class ParallelConfig:
     pp: int = 1
     pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b
     pp_virtual: int = 1  # stages per pipeline rank (interleaved_1f1b: ≥ 2)
+    dp_engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO; data parallelism only)
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # deepspeed: settings merged over Loom's (offload …)
     sp: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
 
 
@@ -220,6 +223,10 @@ def validate(cfg: JobConfig) -> None:
              f"unknown parallel.sp.method '{p.sp.method}'")
     _require(p.sp.linear_method in ("lasp2", "lasp1"), f"unknown parallel.sp.linear_method '{p.sp.linear_method}'")
     _require(p.pp_schedule in ("1f1b", "interleaved_1f1b"), f"unknown parallel.pp_schedule '{p.pp_schedule}'")
+    _require(p.dp_engine in ("fsdp2", "deepspeed"), f"unknown parallel.dp_engine '{p.dp_engine}'")
+    _require(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}")
+    _require(p.dp_engine == "fsdp2" or (p.tp == p.pp == p.sp.degree == 1),
+             "parallel.dp_engine=deepspeed runs data parallelism only (tp = pp = sp.degree = 1)")
     _require(p.pp_virtual >= 1, f"parallel.pp_virtual must be >= 1, got {p.pp_virtual}")
     _require(p.pp_schedule == "1f1b" or p.pp_virtual >= 2,
              "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual >= 2 stages per rank")
@@ -255,7 +262,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
         _, item = typing.get_args(hint)
-        return {str(k): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): v if item is Any else _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
         if not isinstance(value, (list, tuple)):

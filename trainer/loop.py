@@ -25,6 +25,7 @@ from parallel.allgather_attention import AllGatherAttention
 from parallel.attention import LocalAttention, select_backend
 from parallel.lasp import LocalLinearAttention, SequenceParallelLinear
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
+from parallel.deepspeed_engine import DeepSpeedEngine
 from parallel.mesh import ParallelDims
 from parallel.planner.cost_model import CostModel, hardware_profile
 from parallel.pipeline import Pipeline, clip_grad_norm, split_model, stage_ids
@@ -83,17 +84,22 @@ class Trainer:
         virtual = p.pp_virtual if dims.pp > 1 else 1
         self.stages = stage_ids(dims.pp_rank, dims.pp, virtual) if dims.pp > 1 else [0]
         self.parts = [split_model(model, s, dims.pp * virtual) for s in self.stages] if dims.pp > 1 else [model]
+        deepspeed = p.dp_engine == "deepspeed"
         for part in self.parts:  # the torchtitan order: tp, activation checkpointing, fsdp
             if dims.tp > 1:
                 apply_tp(part, dims.mesh["tp"])
             if cfg.train.activation_checkpointing:
                 apply_activation_checkpointing(part)
-            # adaptive groups run different numbers of micro-batches: gather once per step (see train_step)
-            apply_fsdp(part, dims.fsdp_mesh, param_dtype=self.dtype, reshard_after_forward=not dims.adaptive)
-        self.model = self.parts[0]
+            if not deepspeed:  # adaptive groups run different numbers of micro-batches: gather once per step
+                apply_fsdp(part, dims.fsdp_mesh, param_dtype=self.dtype, reshard_after_forward=not dims.adaptive)
         self.sp_groups = dims.sp_groups() if dims.sp > 1 and not dims.adaptive else None
         self.optimizers = [build_optimizer(part, cfg.optim) for part in self.parts]
         self.schedulers = Schedules([build_scheduler(o, cfg.optim, cfg.train.max_steps) for o in self.optimizers])
+        self.engine = None
+        if deepspeed:
+            self.engine = DeepSpeedEngine(cfg, self.parts[0], self.optimizers[0], self.schedulers.schedulers[0],
+                                          cfg.train.global_microbatches // dims.dp, self.dtype == torch.bfloat16)
+        self.model = self.engine or self.parts[0]
         self.backend = select_backend(cfg.model.attention_backend, self.device)
         self.pipeline = None
         if dims.pp > 1:
@@ -118,8 +124,10 @@ class Trainer:
         self.peak = peak_tflops(self.device, cfg.cluster.peak_tflops)
 
     def app_state(self) -> dict[str, Any]:
-        return {"train": ModelAndOptimizer(self.parts, self.optimizers), "scheduler": self.schedulers,
-                "loader": self.loader, "progress": self.progress}
+        state = {"loader": self.loader, "progress": self.progress}
+        if self.engine is None:  # DeepSpeed saves model, optimizer and schedule itself
+            state.update(train=ModelAndOptimizer(self.parts, self.optimizers), scheduler=self.schedulers)
+        return state
 
     def resume(self) -> int:
         latest = self.checkpointer.latest()
@@ -127,12 +135,15 @@ class Trainer:
             return 0
         step, path = latest
         self.checkpointer.load(path, self.app_state())
+        if self.engine is not None:
+            self.engine.load(path)
         self.ledger = Ledger.load(path)
         log0(f"resumed from {path} (step {self.progress.step}/{self.cfg.train.max_steps})")
         return step
 
     def save(self) -> None:
-        self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict(), self.ledger.save)
+        self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict(), self.ledger.save,
+                               every_rank_files=self.engine.save if self.engine is not None else None)
 
     def shard(self, batch: PackedBatch) -> tuple[PackedBatch, Mixers]:
         """This rank's tokens of a micro-batch and the token mixing that sees the rest of it, padded
@@ -186,14 +197,19 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (batch, mixers) in enumerate(items):
             last = i == len(items) - 1
-            self.model.set_requires_gradient_sync(last)
-            if self.adaptive:  # keep weights gathered until this rank's last backward
-                self.model.set_reshard_after_backward(last)
+            if self.engine is None:
+                self.model.set_requires_gradient_sync(last)
+                if self.adaptive:  # keep weights gathered until this rank's last backward
+                    self.model.set_reshard_after_backward(last)
             with self.autocast():
                 logits = self.model(batch.tokens, batch.positions, mixers)
             with loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext():  # tp: logits sharded by vocabulary
                 loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum")
-                (loss * loss_scale).backward()
+                if self.engine is not None:
+                    self.engine.backward(loss * loss_scale)
+                    self.engine.step()
+                else:
+                    (loss * loss_scale).backward()
             loss_sum += full(loss).detach().double()
         return loss_sum.item()
 
@@ -220,15 +236,18 @@ class Trainer:
         items, global_labels, flops, info = (self.adaptive_work if self.adaptive else self.static_work)(batches)
         # FSDP averages over its dp × sp ranks: see parallel/data_parallel.py
         loss_scale = self.dims.dp * self.dims.sp / global_labels
+        lr = self.engine.lr() if self.engine is not None else self.schedulers.last_lr()
         loss_sum = (self.run_pipeline if self.pipeline else self.run_microbatches)(items, loss_scale)
-        lr = self.schedulers.last_lr()
-        params = [p for part in self.parts for p in part.parameters()]
-        norm = clip_grad_norm(params, self.cfg.optim.grad_clip,
-                              self.dims.mesh["pp"].get_group() if self.dims.pp > 1 else None)
-        for optimizer in self.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        self.schedulers.step()
+        if self.engine is not None:  # DeepSpeed clipped and stepped at the step's last micro-batch
+            norm = self.engine.grad_norm()
+        else:
+            params = [p for part in self.parts for p in part.parameters()]
+            norm = clip_grad_norm(params, self.cfg.optim.grad_clip,
+                                  self.dims.mesh["pp"].get_group() if self.dims.pp > 1 else None)
+            for optimizer in self.optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            self.schedulers.step()
         first = self.dims.tp_rank == 0 and self.dims.pp_rank == 0
         last = self.dims.tp_rank == 0 and (self.pipeline is None or self.pipeline.last)
         figures = torch.tensor([loss_sum * last, sum(b.num_real for b, _ in items) * first, flops],
