@@ -43,9 +43,6 @@ class TrainWorker:
 
         return free_port()
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def run(self, cfg_dict: dict[str, Any], master_addr: str, master_port: int,
             visible_gpus: list[str], local_rank: int) -> dict[str, Any]:
         from launch.distributed import init_distributed, shutdown_distributed

@@ -19,9 +19,6 @@ from parallel.sequence_parallel import SPGroups, split_degree
 from parallel.ulysses import check_heads
 from trainer.config import ConfigError, JobConfig
 
-IMPLEMENTED: dict[str, int] = {}  # degrees above these are not built yet
-
-
 def auto_ulysses(degree: int, n_heads: int, n_kv_heads: int, tp: int) -> int:
     """The largest Ulysses size < degree that divides it and fits the heads (1 if none)."""
     for u in range(degree - 1, 1, -1):
@@ -88,9 +85,6 @@ class ParallelDims:
         if cfg.train.global_microbatches % dp and not adaptive:
             raise ConfigError(f"train.global_microbatches={cfg.train.global_microbatches} "
                               f"is not divisible by dp={dp}")
-        for name, limit in IMPLEMENTED.items():
-            if getattr(dims, name) > limit:
-                raise ConfigError(f"parallel.{name}={getattr(dims, name)} is not supported in this version of Loom")
         return dims
 
     def check_model(self, cfg: JobConfig) -> None:

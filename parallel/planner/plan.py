@@ -17,7 +17,6 @@ from parallel.planner.cost_model import hardware_profile
 from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch
 from trainer.config import ConfigError, JobConfig, config_from_dict, dump_config
 
-from parallel.mesh import IMPLEMENTED  # degrees this version of Loom can run
 
 
 def cluster_spec(cfg: JobConfig) -> Cluster:
@@ -55,7 +54,7 @@ def winner_config(cfg: JobConfig, c: Candidate, global_tokens: int) -> JobConfig
                               "tokens_per_gpu": c.budget if c.mode == "adaptive" else 0}}
     budget = c.budget if c.mode == "static" else max(cfg.data.context_len, c.budget * c.sp)
     raw["data"]["tokens_per_microbatch"] = budget
-    microbatches = max(1, round(global_tokens / budget))
+    microbatches = max(1, round(global_tokens / budget), c.pp * c.dp)  # pipelines need ≥ pp per dp rank
     raw["train"]["global_microbatches"] = -(-microbatches // c.dp) * c.dp
     raw["train"]["activation_checkpointing"] = c.checkpointing
     raw["cluster"]["device"] = "cuda" if raw["cluster"]["profile"] not in ("cpu",) else raw["cluster"]["device"]
@@ -97,11 +96,10 @@ def plot(found: list[Candidate], path: Path, memory_gb: float, top: int = 20) ->
     best = feasible[:top]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1.2, 1]})
     labels = [f"{c.layout}{' ckpt' if c.checkpointing else ''} · {c.budget:,}" for c in best]
-    colors = ["#55a868" if c.runnable else "#bbbbbb" for c in best]
-    colors[0] = "#c44e52" if best and best[0].runnable else colors[0]
+    colors = ["#c44e52"] + ["#55a868"] * (len(best) - 1)
     ax1.barh(range(len(best))[::-1], [c.tokens_per_s for c in best], color=colors)
     ax1.set_yticks(range(len(best))[::-1], labels, fontsize=7)
-    ax1.set_xlabel("predicted tokens/s (grey: needs tp/pp, not in this version)")
+    ax1.set_xlabel("predicted tokens/s")
     ax1.set_title(f"the {len(best)} fastest layouts")
     for mode, marker in (("static", "o"), ("adaptive", "^")):
         pts = [c for c in feasible if c.mode == mode]
@@ -124,9 +122,9 @@ def run_plan(cfg: JobConfig, source: str, out: str, top: int = 15) -> Candidate:
     cluster = cluster_spec(cfg)
     hist = histogram(source, cfg.data.context_len)
     global_tokens = cfg.train.global_microbatches * cfg.data.tokens_per_microbatch
-    search = PlanSearch(cfg.model, cluster, hist, global_tokens, implemented=IMPLEMENTED, seed=cfg.train.seed)
+    search = PlanSearch(cfg.model, cluster, hist, global_tokens, seed=cfg.train.seed)
     found = search.run(budgets_for(cfg.data.context_len))
-    winner = next((c for c in found if c.runnable), None)
+    winner = next((c for c in found if c.feasible), None)
     elapsed = time.perf_counter() - t0
     print(f"{len(found):,} layouts of {cluster.gpus} GPUs ({cluster.nodes} × {cluster.gpus_per_node}, "
           f"{cluster.hw.name}) for {hist.counts.sum():,.0f} sequences, {global_tokens:,} tokens per step, "

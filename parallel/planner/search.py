@@ -97,7 +97,6 @@ class Candidate:
     bubble: float = 0.0
     comm_frac: float = 0.0
     feasible: bool = False  # fits memory and holds the longest sequence
-    runnable: bool = False  # feasible and every degree is implemented in this version
     verdict: str = ""
 
     @property
@@ -111,10 +110,8 @@ def powers_of_two(limit: int) -> list[int]:
 
 
 class PlanSearch:
-    def __init__(self, model: ModelConfig, cluster: Cluster, hist: Histogram, global_tokens: int,
-                 implemented: dict[str, int] | None = None, seed: int = 0):
+    def __init__(self, model: ModelConfig, cluster: Cluster, hist: Histogram, global_tokens: int, seed: int = 0):
         self.model, self.cluster, self.hist, self.global_tokens = model, cluster, hist, global_tokens
-        self.implemented = implemented or {}
         self.seed = seed
         self._samples: dict[tuple[int, int], list[int]] = {}
         full = CostModel(model, cluster.hw)
@@ -224,15 +221,7 @@ class PlanSearch:
         c.feasible = True
         c.tokens_per_s = self.global_tokens / c.step_s
         c.mfu = self.model_flops_per_token * self.global_tokens / (c.step_s * self.cluster.gpus * self.peak * 1e12)
-        missing = self.missing(c)
-        c.runnable = not missing
-        if missing:
-            c.verdict = f"needs {', '.join(missing)} (not in this version of Loom)"
         return c
-
-    def missing(self, c: Candidate) -> list[str]:
-        """Degrees of the candidate this version of Loom cannot run."""
-        return [f"{k}={getattr(c, k)}" for k, limit in self.implemented.items() if getattr(c, k) > limit]
 
     # ------------------------------------------------------------------ the space
 
@@ -274,12 +263,12 @@ class PlanSearch:
         return out
 
     def run(self, budgets: list[int], adaptive: bool = True) -> list[Candidate]:
-        """Every candidate, feasible ones first by step time; the first runnable one is the plan.
+        """Every candidate, feasible ones first by step time; the first is the plan.
         Adaptive candidates are planned in order of their lower bound, and not at all once that
         bound reaches the best time found (they could not win)."""
         found = [self.evaluate(c) for c in self.static_candidates(budgets)]
         if adaptive:
-            best = min((c.step_s for c in found if c.runnable), default=math.inf)
+            best = min((c.step_s for c in found if c.feasible), default=math.inf)
             pending = []
             for c in self.adaptive_candidates():
                 c.memory_gb = self.memory_gb(c)
@@ -289,19 +278,19 @@ class PlanSearch:
                     found.append(self.evaluate(c))  # rejected, with its reason
             for bound, c in sorted(pending, key=lambda p: p[0]):
                 if bound >= best:  # step_s, tokens/s and MFU are bounds here
-                    c.step_s, c.feasible, c.runnable = bound, True, not self.missing(c)
+                    c.step_s, c.feasible = bound, True
                     c.tokens_per_s = self.global_tokens / bound
                     c.mfu = self.model_flops_per_token * self.global_tokens / (bound * self.cluster.gpus * self.peak * 1e12)
                     c.verdict = "slower: its lower bound is above the best"
                 else:
                     self.evaluate(c)
-                    if c.runnable:
+                    if c.feasible:
                         best = min(best, c.step_s)
                 found.append(c)
         found.sort(key=lambda c: (not c.feasible, c.step_s if c.feasible else c.memory_gb))
-        winner = next((c for c in found if c.runnable and not c.verdict), None)
+        winner = next((c for c in found if c.feasible and not c.verdict), None)
         for c in found:
-            if c.runnable and c is not winner and not c.verdict:
+            if c.feasible and c is not winner and not c.verdict:
                 c.verdict = self.why_slower(c, winner.step_s)
         return found
 
