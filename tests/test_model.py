@@ -37,3 +37,29 @@ def test_packed_batch_equals_documents_alone(backend):
     # and the test can fail: without document boundaries the outputs differ
     leaky = model(tokens, torch.arange(tokens.numel()), LocalAttention(be, cu[[0, -1]], int(cu[-1])))
     assert (leaky - alone).abs().max() > 1e-3
+
+
+def test_chunked_loss_equals_the_full_cross_entropy():
+    """The loss computed 7 tokens at a time (logits recomputed in backward) equals cross-entropy on
+    the full logits, values and gradients (fp64, 1e-12)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)).double()
+    tokens = torch.randint(0, 50, (40,))
+    labels = torch.randint(0, 50, (40,))
+    labels[::5] = -100
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    attend = LocalAttention(select_backend("math", "cpu"), cu, 40)
+    results = []
+    for chunk in (None, 7):
+        model.zero_grad()
+        if chunk is None:
+            loss = F.cross_entropy(model(tokens, torch.arange(40), attend), labels, ignore_index=-100, reduction="sum")
+        else:
+            loss = model(tokens, torch.arange(40), attend, labels, chunk)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-12, rtol=0)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

@@ -97,6 +97,7 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    loss_chunk: int = 0  # > 0: cross-entropy over this many tokens at a time, logits recomputed (not with tp or pp)
 
 
 @dataclass
@@ -209,6 +210,7 @@ def validate(cfg: JobConfig) -> None:
              "data.bucket_edges must be increasing positive integers")
     _require(t.run_steps >= 0, f"train.run_steps must be >= 0, got {t.run_steps}")
     _require(t.precision in ("auto", "fp32", "bf16"), f"unknown train.precision '{t.precision}'")
+    _require(t.loss_chunk >= 0, f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
     _require(cfg.checkpoint.every > 0, f"checkpoint.every must be positive, got {cfg.checkpoint.every}")
     _require(cfg.checkpoint.keep_last > 0, f"checkpoint.keep_last must be positive, got {cfg.checkpoint.keep_last}")
     _require(cfg.cluster.device in ("auto", "cpu", "cuda"), f"unknown cluster.device '{cfg.cluster.device}'")

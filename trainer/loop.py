@@ -201,24 +201,36 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)
                 if self.adaptive:  # keep weights gathered until this rank's last backward
                     self.model.set_reshard_after_backward(last)
-            with self.autocast():
-                logits = self.model(batch.tokens, batch.positions, mixers)
-            with loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext():  # tp: logits sharded by vocabulary
-                loss = F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum")
-                if self.engine is not None:
-                    self.engine.backward(loss * loss_scale)
-                    self.engine.step()
-                else:
-                    (loss * loss_scale).backward()
+            with self.vocab_parallel():
+                with self.autocast():
+                    loss = self.microbatch_loss(batch, mixers)
+                self.backward(loss * loss_scale)
             loss_sum += full(loss).detach().double()
         return loss_sum.item()
+
+    def microbatch_loss(self, batch: PackedBatch, mixers: Mixers) -> torch.Tensor:
+        if self.dims.tp > 1:  # logits sharded over the vocabulary: a loss-parallel cross-entropy
+            logits = self.model(batch.tokens, batch.positions, mixers)
+            return F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE, reduction="sum")
+        # the loss inside the model, `train.loss_chunk` tokens at a time: never all logits at once
+        return self.model(batch.tokens, batch.positions, mixers, batch.labels, self.cfg.train.loss_chunk)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer itself at the step's last micro-batch
+        else:
+            loss.backward()
+
+    def vocab_parallel(self):
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
 
     def run_pipeline(self, items: list[tuple[PackedBatch, Mixers]], loss_scale: float) -> float:
         """The step's micro-batches through the pipeline schedule; the last stage's summed token loss."""
         self.loss_scale = loss_scale
         tokens = torch.stack([b.tokens for b, _ in items])
         labels = torch.stack([b.labels for b, _ in items])
-        with self.autocast(), loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext():
+        with self.autocast(), self.vocab_parallel():
             losses = self.pipeline.step(tokens, labels, [(b.positions, mixers) for b, mixers in items])
         return sum(float(full(loss).detach()) for loss in losses) / loss_scale
 

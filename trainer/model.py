@@ -139,17 +139,44 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mixers: Mixers | Attend) -> torch.Tensor:
-        """Logits [T, vocab] for a packed stream of T tokens (a bare callable: softmax attention only).
-        A pipeline stage without the embedding takes hidden states instead of tokens, and one
-        without the output layer returns hidden states."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mixers: Mixers | Attend,
+                labels: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
+        """Logits [T, vocab] for a packed stream of T tokens (a bare callable: softmax attention only);
+        with `labels`, the summed cross-entropy instead, computed `loss_chunk` tokens at a time
+        without ever holding all logits. A pipeline stage without the embedding takes hidden states
+        instead of tokens, and one without the output layer returns hidden states."""
         if not isinstance(mixers, Mixers):
             mixers = Mixers(mixers)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, cos, sin, mixers)
-        return self.output(self.norm(h)) if self.output is not None else h
+        if self.output is None:
+            return h
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        return chunked_cross_entropy(h, self.output, labels, loss_chunk or h.shape[0])
+
+
+def _chunk_loss(h: torch.Tensor, output: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    logits = output(h)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in fp32
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, output: nn.Module, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Σ cross-entropy of output(h) against labels, `chunk` rows at a time; each chunk's logits are
+    recomputed in backward instead of kept, so at most one chunk of logits is alive."""
+    if chunk >= h.shape[0]:
+        return _chunk_loss(h, output, labels)
+    from torch.utils.checkpoint import checkpoint
+
+    total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
+    for start in range(0, h.shape[0], chunk):
+        total = total + checkpoint(_chunk_loss, h[start:start + chunk], output, labels[start:start + chunk],
+                                   use_reentrant=False)
+    return total
 
 
 def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
