@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from parallel.planner.cost_model import PRESETS, HardwareProfile
+from parallel.planner.cost_model import PRESETS
 from parallel.planner.plan import run_plan
 from parallel.planner.search import Cluster, Histogram, PlanSearch
 from trainer.cli import main

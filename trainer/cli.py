@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from trainer.config import ConfigError, JobConfig, load_config
 
