@@ -1,4 +1,4 @@
-"""Data parallelism with FSDP2 (`fully_shard`) over dp × sp, and activation checkpointing of blocks.
+"""Data parallelism with FSDP2 (`fully_shard`) over dp × sp, and (selective) activation checkpointing of blocks.
 
 FSDP averages gradients over dp ranks. The trainer therefore scales each rank's summed token
 loss by dp / (global label tokens of the step): the average is then the gradient of the global
@@ -14,13 +14,20 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Wraps every transformer block so that its activations are recomputed in backward (non-reentrant:
-    collectives inside, such as the ring's, simply run again in the same order on every rank)."""
+def checkpointed_blocks(count: int, n_layers: int) -> set[int]:
+    """Indices of `count` of the model's `n_layers` blocks, spread evenly (selective checkpointing)."""
+    return {j * n_layers // count for j in range(count)} if count > 0 else set()
+
+
+def apply_activation_checkpointing(model: nn.Module, blocks: set[int]) -> None:
+    """Wraps the named transformer blocks (global layer indices; a pipeline stage holds some) so that
+    their activations are recomputed in backward (non-reentrant: collectives inside, such as the
+    ring's, simply run again in the same order on every rank)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for name, block in list(model.layers.items()):
-        model.layers[name] = checkpoint_wrapper(block)
+        if int(name) in blocks:
+            model.layers[name] = checkpoint_wrapper(block)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype = torch.float32,

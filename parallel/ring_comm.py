@@ -13,6 +13,13 @@ import torch
 import torch.distributed as dist
 
 COMM_STATS: Counter = Counter()
+_OVERLAP = [True]
+
+
+def set_overlap(enabled: bool) -> None:
+    """False makes every exchange complete as soon as it is posted, so no hop's transfer hides
+    behind compute (the baseline that shows what overlap is worth)."""
+    _OVERLAP[0] = enabled
 
 
 def reset_comm_stats() -> None:
@@ -49,6 +56,8 @@ class Exchange:
     def start(self) -> "Exchange":
         for group in {id(op.group): op.group for op in self.ops}.values():  # one batch per communicator
             self.works += dist.batch_isend_irecv([op for op in self.ops if op.group is group])
+        if not _OVERLAP[0]:
+            self.wait()
         return self
 
     def wait(self) -> None:

@@ -69,7 +69,15 @@ def attention_errors(rank: int, world: int, method: str) -> dict:
 
 
 def all_methods(rank: int, world: int) -> dict:
-    return {m: attention_errors(rank, world, m) for m in ("ring", "ring_bidir", "ulysses", "hybrid")}
+    from parallel.ring_comm import set_overlap
+
+    results = {m: attention_errors(rank, world, m) for m in ("ring", "ring_bidir", "ulysses", "hybrid")}
+    set_overlap(False)  # the benchmark's baseline: every hop's exchange completes before any compute
+    try:
+        results["ring, no overlap"] = attention_errors(rank, world, "ring")
+    finally:
+        set_overlap(True)
+    return results
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

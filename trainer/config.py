@@ -96,7 +96,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # recompute blocks' activations in backward: false | true (every block) | N (N blocks, evenly spaced)
+    # | auto (the fewest blocks that let a micro-batch fit the GPU, by the cost model's memory estimate)
+    activation_checkpointing: bool | int | str = False
+    compile: bool | str = "auto"  # torch.compile RMSNorm, SwiGLU and the q/k/v projections with RoPE; auto: on CUDA
     loss_chunk: int = 0  # > 0: cross-entropy over this many tokens at a time, logits recomputed (not with tp or pp)
 
 
@@ -211,6 +214,11 @@ def validate(cfg: JobConfig) -> None:
     _require(t.run_steps >= 0, f"train.run_steps must be >= 0, got {t.run_steps}")
     _require(t.precision in ("auto", "fp32", "bf16"), f"unknown train.precision '{t.precision}'")
     _require(t.loss_chunk >= 0, f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
+    ac = t.activation_checkpointing
+    _require(isinstance(ac, bool) or ac == "auto" or (isinstance(ac, int) and 0 <= ac <= m.n_layers),
+             f"train.activation_checkpointing must be true, false, auto or a block count 0..{m.n_layers}, got {ac!r}")
+    _require(isinstance(t.compile, bool) or t.compile == "auto",
+             f"train.compile must be true, false or auto, got {t.compile!r}")
     _require(cfg.checkpoint.every > 0, f"checkpoint.every must be positive, got {cfg.checkpoint.every}")
     _require(cfg.checkpoint.keep_last > 0, f"checkpoint.keep_last must be positive, got {cfg.checkpoint.keep_last}")
     _require(cfg.cluster.device in ("auto", "cpu", "cuda"), f"unknown cluster.device '{cfg.cluster.device}'")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +24,7 @@ from launch.distributed import collective_guard
 from parallel.allgather_attention import AllGatherAttention
 from parallel.attention import LocalAttention, select_backend
 from parallel.lasp import LocalLinearAttention, SequenceParallelLinear
-from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp
+from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp, checkpointed_blocks
 from parallel.deepspeed_engine import DeepSpeedEngine
 from parallel.mesh import ParallelDims
 from parallel.planner.cost_model import CostModel, hardware_profile
@@ -33,6 +33,7 @@ from parallel.sequence_parallel import SequenceParallelAttention, make_layout
 from parallel.tensor_parallel import apply_tp
 from trainer.adaptive_step import AdaptiveStep
 from trainer.checkpoint import Checkpointer, ModelAndOptimizer
+from trainer.compiled import compile_elementwise, should_compile
 from trainer.config import JobConfig, dump_config
 from trainer.dataset import TokenDataset
 from trainer.ledger import Ledger
@@ -85,11 +86,14 @@ class Trainer:
         self.stages = stage_ids(dims.pp_rank, dims.pp, virtual) if dims.pp > 1 else [0]
         self.parts = [split_model(model, s, dims.pp * virtual) for s in self.stages] if dims.pp > 1 else [model]
         deepspeed = p.dp_engine == "deepspeed"
-        for part in self.parts:  # the torchtitan order: tp, activation checkpointing, fsdp
+        self.checkpointed = checkpointed_blocks(checkpoint_count(cfg, dims, self.device), cfg.model.n_layers)
+        self.compiled = should_compile(cfg.train.compile, self.device)
+        for part in self.parts:  # the torchtitan order: tp, activation checkpointing, compile, fsdp
             if dims.tp > 1:
                 apply_tp(part, dims.mesh["tp"])
-            if cfg.train.activation_checkpointing:
-                apply_activation_checkpointing(part)
+            apply_activation_checkpointing(part, self.checkpointed)
+            if self.compiled:
+                compile_elementwise(part)
             if not deepspeed:  # adaptive groups run different numbers of micro-batches: gather once per step
                 apply_fsdp(part, dims.fsdp_mesh, param_dtype=self.dtype, reshard_after_forward=not dims.adaptive)
         self.sp_groups = dims.sp_groups() if dims.sp > 1 and not dims.adaptive else None
@@ -272,7 +276,9 @@ class Trainer:
         """Trains to max_steps (or run_steps more); `on_step(step)` runs after each step."""
         cfg = self.cfg
         log0(f"model: {self.params / 1e6:.2f}M parameters, {str(self.dtype).split('.')[-1]} compute, "
-             f"attention backend '{self.backend.name}', layout {self.dims.describe()}, device {self.device.type}")
+             f"attention backend '{self.backend.name}', layout {self.dims.describe()}, device {self.device.type}, "
+             f"{len(self.checkpointed)}/{cfg.model.n_layers} blocks recomputed, "
+             f"{'compiled' if self.compiled else 'eager'} element-wise ops")
         start = self.resume()
         if self.rank == 0:
             cfg.run_path.mkdir(parents=True, exist_ok=True)
@@ -347,6 +353,22 @@ def pad_to(batch: PackedBatch, mixers: Mixers, length: int) -> tuple[PackedBatch
         return mix
 
     return padded, Mixers(strip(mixers.softmax), strip(mixers.linear))
+
+
+def checkpoint_count(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> int:
+    """How many blocks recompute their activations: the configured count, or for `auto` the fewest
+    that let one micro-batch's share of this rank (tokens / sp) fit the device's memory."""
+    setting, n = cfg.train.activation_checkpointing, cfg.model.n_layers
+    if isinstance(setting, bool):
+        return n if setting else 0
+    if isinstance(setting, int):
+        return setting
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    hw = hardware_profile(cfg.cluster.profile, name)
+    if device.type == "cuda":
+        hw = replace(hw, gpu_memory_gb=torch.cuda.get_device_properties(device).total_memory / 2**30)
+    cost = CostModel(cfg.model, hw, loss_chunk=cfg.train.loss_chunk)
+    return cost.blocks_to_checkpoint(cfg.data.tokens_per_microbatch // dims.sp, dims.dp * dims.sp)
 
 
 def adaptive_budget(cfg: JobConfig, device: torch.device) -> tuple[CostModel, int]:

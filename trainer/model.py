@@ -20,6 +20,7 @@ from torch import nn
 
 from parallel.linear_attention import FEATURE_MAPS, decay_rates
 from trainer.config import ModelConfig
+from trainer.loss import LogitGrads, linear_cross_entropy, logit_grads
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LinearAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,14 +58,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mixers: Mixers) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [T, heads, head_dim] with RoPE applied (one compiled region: trainer/compiled.py)."""
         t = x.shape[0]
         q = self.wq(x).view(t, -1, self.head_dim)
         k = self.wk(x).view(t, -1, self.head_dim)
         v = self.wv(x).view(t, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = mixers.softmax(q.contiguous(), k.contiguous(), v.contiguous())
-        return self.wo(out.reshape(t, -1))
+        return apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(), v.contiguous()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mixers: Mixers) -> torch.Tensor:
+        out = mixers.softmax(*self.project(x, cos, sin))
+        return self.wo(out.reshape(x.shape[0], -1))
 
 
 class LinearAttention(nn.Module):
@@ -125,6 +130,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.logit_grads: LogitGrads = logit_grads  # the loss's element-wise part (compiled on GPU)
         self.init_weights()
 
     @torch.no_grad()
@@ -143,7 +149,7 @@ class Transformer(nn.Module):
                 labels: torch.Tensor | None = None, loss_chunk: int = 0) -> torch.Tensor:
         """Logits [T, vocab] for a packed stream of T tokens (a bare callable: softmax attention only);
         with `labels`, the summed cross-entropy instead, computed `loss_chunk` tokens at a time
-        without ever holding all logits. A pipeline stage without the embedding takes hidden states
+        without ever holding all logits (trainer/loss.py). A pipeline stage without the embedding takes hidden states
         instead of tokens, and one without the output layer returns hidden states."""
         if not isinstance(mixers, Mixers):
             mixers = Mixers(mixers)
@@ -156,27 +162,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if labels is None:
             return self.output(h)
-        return chunked_cross_entropy(h, self.output, labels, loss_chunk or h.shape[0])
-
-
-def _chunk_loss(h: torch.Tensor, output: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    logits = output(h)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the loss in fp32
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-
-
-def chunked_cross_entropy(h: torch.Tensor, output: nn.Module, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Σ cross-entropy of output(h) against labels, `chunk` rows at a time; each chunk's logits are
-    recomputed in backward instead of kept, so at most one chunk of logits is alive."""
-    if chunk >= h.shape[0]:
-        return _chunk_loss(h, output, labels)
-    from torch.utils.checkpoint import checkpoint
-
-    total = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
-    for start in range(0, h.shape[0], chunk):
-        total = total + checkpoint(_chunk_loss, h[start:start + chunk], output, labels[start:start + chunk],
-                                   use_reentrant=False)
-    return total
+        return linear_cross_entropy(h, self.output.weight, labels, loss_chunk or h.shape[0], self.logit_grads)
 
 
 def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:

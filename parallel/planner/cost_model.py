@@ -12,7 +12,7 @@ ring — (d−1) hops of K/V forward and K/V + fp32 dK/dV backward, each hidden 
 attention when the hop's compute is longer; ulysses — four all-to-alls of activations forward
 and four backward, not hidden; lasp2 — one all-gather of the d_k × d_v state per head, independent
 of L. Memory per GPU: FSDP-sharded weights, gradients and AdamW states plus activations per
-token held (fewer with activation checkpointing).
+token held (fewer with activation checkpointing of some or all blocks) and the loss's logits.
 
 Coefficients live in a `HardwareProfile` — measured by `loom profile`, or a preset from the
 figures measured so far (DESIGN.md).
@@ -21,7 +21,7 @@ figures measured so far (DESIGN.md).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,8 @@ class CostModel:
     model: ModelConfig
     hw: HardwareProfile
     method: str = "ring"  # ring | ulysses | lasp2 (for the model's softmax / linear layers)
-    activation_checkpointing: bool = False
+    activation_checkpointing: float = 0.0  # fraction of blocks recomputed in backward (True: all)
+    loss_chunk: int = 0  # rows of logits alive at once in the loss (0: all)
 
     # ------------------------------------------------------------------ FLOPs
 
@@ -100,8 +101,8 @@ class CostModel:
     def linear_flops_per_token(self) -> float:
         m = self.model
         per_layer = m.dim * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads) + 3 * m.dim * m.hidden_dim
-        recompute = 8.0 if self.activation_checkpointing else 6.0  # fwd again before bwd
-        return recompute * (m.n_layers * per_layer + m.dim * m.vocab_size)
+        recompute = 2.0 * float(self.activation_checkpointing) * m.n_layers * per_layer  # fwd again before bwd
+        return 6.0 * (m.n_layers * per_layer + m.dim * m.vocab_size) + recompute
 
     # ------------------------------------------------------------------ time
 
@@ -152,22 +153,57 @@ class CostModel:
         embed = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2)
         return m.n_layers * per_layer + embed + m.dim
 
-    def activation_bytes_per_token(self) -> float:
-        """Bytes held per token for backward, all layers (bf16), plus the fp32 logits of the loss."""
+    def block_bytes_per_token(self, checkpointed: bool) -> float:
+        """Bytes one block holds per token for backward (bf16): its input alone when checkpointed."""
         m = self.model
-        if self.activation_checkpointing:
-            per_layer = 2 * m.dim * BYTES  # each block's input
-        else:
-            per_layer = BYTES * (6 * m.dim + (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim + 4 * m.hidden_dim)
-        return m.n_layers * per_layer + 4 * m.vocab_size * 2
+        if checkpointed:
+            return 2 * m.dim * BYTES
+        # norm inputs, projection inputs, q and the attention output, k and v, SwiGLU's inputs and product,
+        # as saved with compiled element-wise regions: 71.6 KB/token measured for llama-1b-long on an H200
+        return BYTES * (5 * m.dim + 2 * m.n_kv_heads * m.head_dim + 3 * m.hidden_dim)
+
+    def layer_bytes_per_token(self) -> float:
+        """Bytes all blocks hold per token; a recomputed block's full activations live again during
+        its own backward."""
+        m, f = self.model, float(self.activation_checkpointing)
+        held = m.n_layers * (f * self.block_bytes_per_token(True) + (1 - f) * self.block_bytes_per_token(False))
+        return held + (self.block_bytes_per_token(False) if f > 0 else 0.0)
+
+    def logits_bytes(self, tokens: float) -> float:
+        """The loss's bf16 logits and their fp32 gradient, `loss_chunk` rows at a time."""
+        rows = min(tokens, self.loss_chunk) if self.loss_chunk else tokens
+        return rows * self.model.vocab_size * (BYTES + 4)
+
+    def activation_bytes(self, tokens: float) -> float:
+        """Bytes of activations held for backward by `tokens` tokens on one GPU."""
+        return self.layer_bytes_per_token() * tokens + self.logits_bytes(tokens)
+
+    def activation_bytes_per_token(self) -> float:
+        """Bytes per token for long micro-batches (the logits of a chunked loss do not grow)."""
+        return self.layer_bytes_per_token() + (0.0 if self.loss_chunk else self.logits_bytes(1.0))
 
     def state_bytes(self, shard: int, unsharded_copy: bool = False) -> float:
-        """Weights, gradients, AdamW states (fp32 master + grads + 2 moments = 16 B/param) over `shard`
-        ranks; `unsharded_copy` adds the bf16 weights and fp32 gradients held whole (adaptive mode)."""
+        """Weights and AdamW states at the memory peak — the start of backward, when activations are
+        all alive and gradients not yet — over `shard` ranks: fp32 master weights and two moments
+        (12 B/param), one block's gradients and gathered bf16 weights; `unsharded_copy` adds the bf16
+        weights and fp32 gradients held whole (adaptive mode)."""
         p = self.params()
-        return 16 * p / shard + (6 * p if unsharded_copy else 4 * p * 2 / max(1, self.model.n_layers))
+        return 12 * p / shard + (6 * p if unsharded_copy else 6 * p * 2 / max(1, self.model.n_layers))
+
+    def free_bytes(self, shard: int, unsharded_copy: bool = False, reserve: float = 0.9) -> float:
+        """Memory left for activations once the states are placed, `reserve` of the GPU usable."""
+        return self.hw.gpu_memory_gb * 2**30 * reserve - self.state_bytes(shard, unsharded_copy)
 
     def tokens_per_gpu(self, shard: int, unsharded_copy: bool = False, reserve: float = 0.9) -> int:
         """Most tokens one GPU can hold activations for, with the rest of memory for states."""
-        free = self.hw.gpu_memory_gb * 2**30 * reserve - self.state_bytes(shard, unsharded_copy)
+        free = self.free_bytes(shard, unsharded_copy, reserve) - (self.logits_bytes(self.loss_chunk) if self.loss_chunk else 0.0)
         return max(0, int(free / self.activation_bytes_per_token()))
+
+    def blocks_to_checkpoint(self, tokens: int, shard: int, reserve: float = 0.9) -> int:
+        """The fewest blocks whose activations must be recomputed for `tokens` tokens per micro-batch
+        to fit on one GPU (selective activation checkpointing); all blocks when even that does not fit."""
+        n = self.model.n_layers
+        for k in range(n + 1):
+            if replace(self, activation_checkpointing=k / n).activation_bytes(tokens) <= self.free_bytes(shard, reserve=reserve):
+                return k
+        return n

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from parallel.planner.cost_model import hardware_profile
-from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch
+from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch, loss_chunk
 from trainer.config import ConfigError, JobConfig, config_from_dict, dump_config
 
 
@@ -57,6 +57,7 @@ def winner_config(cfg: JobConfig, c: Candidate, global_tokens: int) -> JobConfig
     microbatches = max(1, round(global_tokens / budget), c.pp * c.dp)  # pipelines need ≥ pp per dp rank
     raw["train"]["global_microbatches"] = -(-microbatches // c.dp) * c.dp
     raw["train"]["activation_checkpointing"] = c.checkpointing
+    raw["train"]["loss_chunk"] = loss_chunk(c)
     raw["cluster"]["device"] = "cuda" if raw["cluster"]["profile"] not in ("cpu",) else raw["cluster"]["device"]
     return config_from_dict(raw)
 

@@ -1,6 +1,7 @@
 """`loom profile`: fits the cost model's coefficients on this machine's device.
 
-The model of a train config runs forward + backward on single documents of several lengths;
+The model of a train config runs forward + backward (its loss chunking, compiled element-wise
+regions where the trainer compiles them) on single documents of several lengths;
 a least-squares fit of  t = e + attention_flops(L)/A + linear_flops·L/M  gives the fixed cost
 e of a micro-batch, the attention rate A and the matmul rate M as this model really achieves
 them. With two or more GPUs, a send/recv between two of them gives the link bandwidth; with one,
@@ -18,12 +19,13 @@ import torch
 
 from parallel.attention import LocalAttention, select_backend
 from parallel.planner.cost_model import CostModel, hardware_profile
+from trainer.compiled import compile_elementwise, should_compile
 from trainer.config import JobConfig
 from trainer.model import Transformer
 
 
 def _time_model(model: Transformer, length: int, backend, device: torch.device, dtype: torch.dtype,
-                repeats: int) -> float:
+                repeats: int, loss_chunk: int) -> float:
     tokens = torch.randint(0, model.cfg.vocab_size, (length,), device=device)
     positions = torch.arange(length, device=device)
     cu = torch.tensor([0, length], dtype=torch.int32, device=device)
@@ -32,8 +34,8 @@ def _time_model(model: Transformer, length: int, backend, device: torch.device, 
 
     def step() -> None:
         with autocast:
-            logits = model(tokens, positions, attend)
-        logits.float().logsumexp(-1).mean().backward()
+            loss = model(tokens, positions, attend, tokens, loss_chunk)
+        loss.backward()
 
     step()  # warm-up
     times = []
@@ -56,9 +58,11 @@ def profile(cfg: JobConfig, lengths: list[int], repeats: int = 3) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
+    if should_compile(cfg.train.compile, device):  # time the kernels the trainer runs
+        compile_elementwise(model)
     backend = select_backend(cfg.model.attention_backend, device)
     cost = CostModel(cfg.model, base)
-    measured = [_time_model(model, n, backend, device, dtype, repeats) for n in lengths]
+    measured = [_time_model(model, n, backend, device, dtype, repeats, cfg.train.loss_chunk) for n in lengths]
     design = np.stack([np.ones(len(lengths)), cost.attention_flops(np.array(lengths)),
                        cost.linear_flops_per_token() * np.array(lengths, dtype=np.float64)], axis=1)
     (e, inv_attention, inv_matmul), *_ = np.linalg.lstsq(design, np.array(measured), rcond=None)

@@ -10,8 +10,8 @@ send per stage boundary, FSDP the part of its gathers and reduce-scatters that c
 hide. Adaptive candidates are timed by planning sampled steps with the trainer's own planner, on
 a slice of at most 64 ranks with proportionally fewer tokens.
 
-Memory per GPU: FSDP-sharded weights, gradients and AdamW states over dp × sp (split by tp × pp),
-the gathered weights, and activations of the micro-batches in flight (pp of them on the first
+Memory per GPU (at its peak, the start of backward): FSDP-sharded weights and AdamW states over
+dp × sp (split by tp × pp), the gathered weights, and activations of the micro-batches in flight (pp of them on the first
 1F1B stage), fewer with activation checkpointing. Above the GPU's memory a candidate is rejected.
 """
 
@@ -105,6 +105,14 @@ class Candidate:
         return f"dp{self.dp} tp{self.tp} pp{self.pp}{sp}"
 
 
+LOSS_CHUNK = 8192  # rows of logits at a time in the loss of a layout without tp or pp
+
+
+def loss_chunk(c: Candidate) -> int:
+    """The trainer chunks the loss only where the whole vocabulary is on one rank of the last stage."""
+    return LOSS_CHUNK if c.tp == 1 and c.pp == 1 else 0
+
+
 def powers_of_two(limit: int) -> list[int]:
     return [1 << i for i in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
 
@@ -134,15 +142,12 @@ class PlanSearch:
                          activation_checkpointing=c.checkpointing)
 
     def memory_gb(self, c: Candidate) -> float:
-        full = CostModel(self.model, self.cluster.hw, activation_checkpointing=c.checkpointing)
-        params = self.params / (c.tp * c.pp)
-        states = 16 * params / (c.dp * c.sp)
-        gathered = 6 * params if c.mode == "adaptive" else 2 * 2 * params / max(1, self.model.n_layers // c.pp)
+        full = CostModel(self.model, self.cluster.hw, activation_checkpointing=c.checkpointing,
+                         loss_chunk=loss_chunk(c))
+        states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive") / (c.tp * c.pp)
         tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
-        per_token = full.activation_bytes_per_token() / (c.tp * c.pp)
-        if c.checkpointing:  # one block's full activations live during its recompute
-            per_token += CostModel(self.model, self.cluster.hw).activation_bytes_per_token() / self.model.n_layers / c.tp
-        return (states + gathered + tokens_per_gpu * c.pp * per_token) / 2**30
+        layers = full.layer_bytes_per_token() / (c.tp * c.pp) * tokens_per_gpu * c.pp  # pp micro-batches in flight
+        return (states + layers + full.logits_bytes(tokens_per_gpu) / c.tp) / 2**30
 
     def link(self, group: int) -> float:
         hw = self.cluster.hw

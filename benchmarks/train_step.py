@@ -1,0 +1,235 @@
+"""End-to-end training step of Loom's trainer: tokens/s, MFU and peak memory, one JSON line per variant.
+
+Each step trains on one sequence of `--seq` tokens per data-parallel replica, split over `--sp`
+ranks (one process per GPU, spawned here). The data are real Arrow shards prepared by `loom
+prepare` from random text, and each step is `Trainer.train_step` itself: loader, forward,
+chunked loss, backward, clipping, AdamW. Variants run in the same process, one after another,
+so each optimisation's gain is visible on the same machine:
+
+- `loom`: what `loom train` does on a GPU — cuDNN attention, compiled element-wise regions,
+  activation checkpointing chosen by the memory model (`auto`), chunked loss;
+- `eager`: the same without `torch.compile`;
+- `sdpa`: eager, attention through plain `F.scaled_dot_product_attention` (is_causal, one document);
+- `flash`: torch's flash-attention op instead of cuDNN;
+- `no_overlap` (sp > 1): the ring waits for each K/V block before computing it.
+
+MFU counts model FLOPs (matmuls, causal attention; no recompute) against 989 TFLOP/s (H100/H200
+dense bf16). `--profile DIR` writes a torch.profiler summary of two `loom` steps.
+
+    python benchmarks/train_step.py --model llama-1b --seq 65536 --out results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import random
+import statistics
+import string
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launch.distributed import free_port, init_distributed, shutdown_distributed  # noqa: E402
+from parallel.planner.cost_model import hardware_profile  # noqa: E402
+from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch  # noqa: E402
+from parallel.ring_comm import set_overlap  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.metrics import peak_memory_gb, peak_tflops  # noqa: E402
+from trainer.model import Mixers  # noqa: E402
+from trainer.prepare import prepare  # noqa: E402
+
+VARIANTS = {
+    "loom": [],
+    "eager": ["train.compile=false"],
+    "sdpa": ["train.compile=false"],
+    "flash": ["model.attention_backend=flash"],
+    "no_overlap": [],
+}
+
+
+class SdpaTrainer(Trainer):
+    """The trainer with attention through plain SDPA: one causal document per micro-batch, sp = 1."""
+
+    def sp_shard(self, batch):
+        def attend(q, k, v):
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                 v.transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+            return out[0].transpose(0, 1)
+        return batch, Mixers(attend)
+
+
+def random_dataset(folder: Path, seq: int, documents: int) -> Path:
+    """Arrow shards of `documents` documents of exactly `seq` tokens (seq − 1 bytes and the EOS)."""
+    rng = random.Random(0)
+    source = folder / "random.jsonl"
+    with source.open("w") as f:
+        for _ in range(documents):
+            f.write(json.dumps({"text": "".join(rng.choices(string.ascii_letters + " ", k=seq - 1))}) + "\n")
+    prepare(source, folder / "data", show_progress=False)
+    return folder / "data"
+
+
+def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) -> dict:
+    overrides = [f"model={args.model}", f"data.path={data}", f"data.context_len={args.seq}",
+                 f"data.tokens_per_microbatch={args.seq}", f"train.global_microbatches={args.dp}",
+                 f"train.loss_chunk={args.loss_chunk}", f"train.max_steps={args.warmup + args.steps}",
+                 f"train.activation_checkpointing={args.checkpointing}", "train.precision=bf16",
+                 f"cluster.workers={args.dp * args.sp}", f"parallel.sp.degree={args.sp}",
+                 f"parallel.sp.method={args.sp_method}", f"run_dir={run_dir}", f"name={name}",
+                 *args.set, *VARIANTS[name]]
+    cfg = load_config(None, overrides)
+    set_overlap(name != "no_overlap")
+    trainer = (SdpaTrainer if name == "sdpa" else Trainer)(cfg)
+    times, records = [], []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            reset_peak_memory()
+        elapsed, result = timed_step(trainer)
+        if step >= args.warmup:
+            times.append(elapsed)
+            records.append(result)
+    if args.profile and name == "loom":
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if CUDA else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            for _ in range(2):
+                timed_step(trainer)
+        write_profile(profiler, Path(args.profile), args.seq)
+    step_s = statistics.median(times)
+    peak_mem = torch.tensor([peak_memory_gb(trainer.device)])
+    dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+    world = dist.get_world_size()
+    peak = peak_tflops(trainer.device, 0.0)
+    figures = {
+        "variant": name, "model": args.model, "params_b": round(trainer.params / 1e9, 3), "seq": args.seq,
+        "dp": args.dp, "sp": args.sp, "sp_method": args.sp_method if args.sp > 1 else None,
+        "attention_backend": "sdpa" if name == "sdpa" else trainer.backend.name, "compiled": trainer.compiled,
+        "blocks_recomputed": len(trainer.checkpointed), "loss_chunk": args.loss_chunk,
+        "step_s": round(step_s, 4), "tokens_per_s": round(records[0]["tokens"] / step_s),
+        "tokens_per_s_per_gpu": round(records[0]["tokens"] / step_s / world),
+        "mfu": round(records[0]["flops"] / world / step_s / (peak * 1e12), 4) if peak else None,
+        "peak_mem_gb": round(peak_mem.item(), 2), "loss": round(records[-1]["loss"], 4),
+        "steps_timed": len(times), "overrides": args.set,
+        **predicted(trainer, args),
+    }
+    trainer.loader.close()
+    del trainer
+    release_memory()
+    return figures
+
+
+CUDA = torch.cuda.is_available()
+
+
+def predicted(trainer: Trainer, args: argparse.Namespace) -> dict:
+    """What `loom plan` predicts for this very layout (its cost and memory model, `cluster.profile`)."""
+    cfg = trainer.cfg
+    name = torch.cuda.get_device_name() if CUDA else "cpu"
+    hw = hardware_profile(cfg.cluster.profile, name)
+    if CUDA:
+        hw = replace(hw, gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 2**30)
+    gpus = args.dp * args.sp
+    search = PlanSearch(cfg.model, Cluster(1, gpus, replace(hw, gpus_per_node=gpus)),
+                        Histogram.from_lengths([args.seq], args.seq), args.seq * args.dp)
+    layout = Candidate(args.dp, 1, 1, args.sp, args.sp_method, "static", args.seq,
+                       checkpointing=len(trainer.checkpointed) / cfg.model.n_layers)
+    step_s, _, _ = search.static_time(layout)
+    return {"predicted_step_s": round(step_s, 4), "predicted_mem_gb": round(search.memory_gb(layout), 2),
+            "profile": hw.name}
+
+
+def timed_step(trainer: Trainer) -> tuple[float, dict]:
+    """Seconds of one `train_step` (all ranks start together, the device drained at both ends)."""
+    dist.barrier()
+    if CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = trainer.train_step(trainer.loader.next_step())
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def reset_peak_memory() -> None:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def release_memory() -> None:
+    torch._dynamo.reset()
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def write_profile(profiler: torch.profiler.profile, folder: Path, seq: int) -> None:
+    """The ops that take the most GPU time in one step, as a table (and a Chrome trace)."""
+    if dist.get_rank() != 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    table = profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+    (folder / f"profile_{seq}.txt").write_text(table)
+    profiler.export_chrome_trace(str(folder / f"trace_{seq}.json"))
+    print(table, flush=True)
+
+
+def worker(rank: int, args: argparse.Namespace, port: int, folder: str) -> None:
+    init_distributed(rank, args.dp * args.sp, "127.0.0.1", port, timeout_s=900, local_rank=rank)
+    try:
+        data = Path(folder) / "data"
+        for name in args.variants:
+            if name == "no_overlap" and args.sp == 1:
+                continue
+            try:
+                figures = run_variant(name, args, data, Path(folder) / "runs")
+            except torch.OutOfMemoryError:
+                figures = {"variant": name, "model": args.model, "seq": args.seq, "sp": args.sp, "error": "out of memory"}
+                release_memory()
+            if rank == 0:
+                figures.update(device=torch.cuda.get_device_name() if CUDA else "cpu", gpus=dist.get_world_size(),
+                               torch=torch.__version__, date=datetime.date.today().isoformat())
+                line = json.dumps(figures)
+                print(line, flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(line + "\n")
+    finally:
+        shutdown_distributed()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-1b", help="a config under configs/model/")
+    parser.add_argument("--seq", type=int, default=65536, help="tokens per sequence (one per dp replica per step)")
+    parser.add_argument("--sp", type=int, default=1, help="GPUs per sequence (sequence parallelism)")
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--sp-method", default="ring")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--checkpointing", default="auto", help="train.activation_checkpointing of every variant")
+    parser.add_argument("--loss-chunk", type=int, default=8192)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--set", nargs="*", default=[], help="more key=value config overrides")
+    parser.add_argument("--profile", default="", help="folder for a torch.profiler summary of the loom variant")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    with tempfile.TemporaryDirectory() as folder:
+        random_dataset(Path(folder), args.seq, documents=(args.warmup + args.steps + 3) * args.dp)
+        torch.multiprocessing.spawn(worker, (args, free_port(), folder), nprocs=args.dp * args.sp)
+
+
+if __name__ == "__main__":
+    main()
