@@ -33,6 +33,10 @@ def test_overrides_replace_sections_and_values():
     (["model.attention_backend=fast"], "unknown model.attention_backend 'fast'"),
     (["model=nosuch"], "'model: nosuch' names no file"),
     (["optim"], "override 'optim' is not of the form key=value"),
+    (["checkpoint.folder=nosuch://bucket/run"], "unknown storage protocol 'nosuch://'"),
+    (["checkpoint.folder=file:///tmp/x", "parallel.dp_engine=deepspeed"], "not a URL"),
+    (["train.activation_checkpointing=most"], "train.activation_checkpointing must be true, false, auto or a block count"),
+    (["model.attention_backend=flash_attn"], "unknown model.attention_backend 'flash_attn'"),
 ])
 def test_bad_values_raise_one_line(override, message):
     with pytest.raises(ConfigError) as err:

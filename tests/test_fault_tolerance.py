@@ -29,7 +29,7 @@ LOOM = [sys.executable, "-m", "trainer.cli", "train", "configs/train/demo.yaml"]
 
 
 def final_checkpoint(run: Path) -> Path:
-    return complete_checkpoints(run / "checkpoints")[-1][1]
+    return Path(complete_checkpoints(run / "checkpoints")[-1][1])
 
 
 def model_tensors(checkpoint: Path, tmp: Path) -> dict[str, torch.Tensor]:

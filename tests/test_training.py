@@ -48,14 +48,17 @@ def test_two_workers_equal_one_on_the_same_global_batches(small_dataset, tmp_pat
     assert other["losses"][1] != pytest.approx(one["losses"][1], rel=1e-4)
 
 
-@pytest.mark.parametrize("async_save", [False, True])
-def test_kill_and_resume_is_bit_exact(small_dataset, tmp_path, async_save):
+@pytest.mark.parametrize("async_save, url", [(False, False), (True, False), (False, True)])
+def test_kill_and_resume_is_bit_exact(small_dataset, tmp_path, async_save, url):
+    """Also with the checkpoints behind an fsspec URL (file://: the same code path as s3:// or gs://)."""
     ov = tiny_overrides(small_dataset, tmp_path) + ["train.max_steps=20", "checkpoint.every=10",
                                                     f"checkpoint.async_save={async_save}"]
     (straight, p_straight), _ = run_ranks(train_rank, 2, ov + ["name=straight"])
+    ckpts = tmp_path / "store" if url else tmp_path / "resumed" / "checkpoints"
+    if url:
+        ov = ov + [f"checkpoint.folder=file://{ckpts}"]
     with pytest.raises(RuntimeError, match="rank 0 died"):
         run_ranks(train_rank, 2, ov + ["name=resumed"], 13)  # SIGKILL after step 13
-    ckpts = tmp_path / "resumed" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".tmp")) == ["step-0000010"]
     # a newer folder without its completion marker (a save cut short) must be ignored
     (ckpts / "step-0000012").mkdir()

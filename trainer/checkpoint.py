@@ -1,11 +1,15 @@
-"""Sharded, atomic checkpoints with torch.distributed.checkpoint (DCP).
+"""Sharded, atomic checkpoints with torch.distributed.checkpoint (DCP), on a local path or an fsspec URL.
 
 A checkpoint of step N is written into `step-N.tmp/`; when every rank has written its shards
-(and, for async saves, the background write has finished), rank 0 adds `COMPLETE.json` — with
-the size and SHA-256 of every file — and renames the folder to `step-N/`. Only folders with that
-marker are loaded, and only if every file still matches it: a truncated or missing file makes
-the resume fall back to the previous checkpoint, with a warning naming the damaged step. The
-last `keep_last` are kept.
+(and, for async saves, the background write has finished), rank 0 renames the folder to
+`step-N/` and then adds `COMPLETE.json` — with the size and SHA-256 of every file. Only folders
+with that marker are loaded, and only if every file still matches it: a truncated or missing
+file makes the resume fall back to the previous checkpoint, with a warning naming the damaged
+step. The last `keep_last` are kept.
+
+The folder is a local (shared) path or any fsspec URL — `s3://bucket/run`, `gs://…`,
+`file:///…` — so that the nodes of a multi-node job can share one store; DCP picks its fsspec
+reader and writer for URLs by itself.
 
 Contents: model and optimizer (sharded, resharding on load), LR schedule, data-loader state
 (global), step, config, and each rank's RNG states (`rng/rank-R.pt`).
@@ -17,12 +21,12 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -74,35 +78,61 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints, oldest first."""
-    if not folder.is_dir():
+def is_url(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def join(location: str | Path, *names: str) -> str:
+    """A location inside another, keeping the URL form of a URL."""
+    return "/".join([str(location).rstrip("/"), *names])
+
+
+def storage(location: str | Path) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem holding a location and the location's path on it."""
+    return fsspec.core.url_to_fs(str(location))
+
+
+def read_text(location: str) -> str:
+    with fsspec.open(location, "r") as fh:
+        return fh.read()
+
+
+def complete_checkpoints(folder: str | Path) -> list[tuple[int, str]]:
+    """(step, location) of complete checkpoints, oldest first."""
+    fs, root = storage(folder)
+    if not fs.isdir(root):
         return []
     found = []
-    for path in folder.iterdir():
-        match = STEP_DIR.match(path.name)
-        if match and (path / MARKER).is_file():
-            found.append((int(match.group(1)), path))
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        match = STEP_DIR.match(name)
+        if match and fs.isfile(f"{entry.rstrip('/')}/{MARKER}"):
+            found.append((int(match.group(1)), join(folder, name)))
     return sorted(found)
 
 
-def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+def file_digests(location: str | Path) -> dict[str, dict[str, Any]]:
+    fs, root = storage(location)
+    root = root.rstrip("/")
     digests = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER):
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        name = path[len(root) + 1:]
+        if name == MARKER:
+            continue
         h = hashlib.sha256()
-        with path.open("rb") as fh:
+        with fs.open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
-        digests[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+        digests[name] = {"size": int(info["size"]), "sha256": h.hexdigest()}
     return digests
 
 
-def damage(path: Path) -> str:
+def damage(location: str | Path) -> str:
     """Why a complete checkpoint can no longer be trusted ('' if it can)."""
-    expected = json.loads((path / MARKER).read_text()).get("files")
+    expected = json.loads(read_text(join(location, MARKER))).get("files")
     if expected is None:
         return ""
-    found = file_digests(path)
+    found = file_digests(location)
     for name, want in expected.items():
         got = found.get(name)
         if got is None:
@@ -115,57 +145,64 @@ def damage(path: Path) -> str:
 
 
 class Checkpointer:
-    def __init__(self, folder: Path, keep_last: int, group: dist.ProcessGroup | None = None,
+    def __init__(self, folder: str | Path, keep_last: int, group: dist.ProcessGroup | None = None,
                  async_save: bool = False):
-        self.folder = Path(folder)
+        self.folder = str(folder)
+        self.fs, _ = storage(self.folder)
         self.keep_last = keep_last
         self.group = group
         self.async_save = async_save
         self.rank = dist.get_rank()
-        self._pending: tuple[Any, int, Path, dict] | None = None
+        self._pending: tuple[Any, int, str, dict] | None = None
 
-    def latest(self) -> tuple[int, Path] | None:
+    def _path(self, location: str) -> str:
+        return storage(location)[1]
+
+    def latest(self) -> tuple[int, str] | None:
         """The newest complete checkpoint whose files match their checksums (rank 0 checks, every
         rank gets its answer)."""
         choice: list = [None]
         if self.rank == 0:
-            for step, path in reversed(complete_checkpoints(self.folder)):
-                problem = damage(path)
+            for step, location in reversed(complete_checkpoints(self.folder)):
+                problem = damage(location)
                 if not problem:
-                    choice[0] = (step, str(path))
+                    choice[0] = (step, location)
                     break
-                message = f"checkpoint step {step} at {path} is damaged ({problem}); trying an older one"
+                message = f"checkpoint step {step} at {location} is damaged ({problem}); trying an older one"
                 log.warning(message)
                 print(f"warning: {message}", flush=True)
         dist.broadcast_object_list(choice, src=0, group=self.group)
-        return (choice[0][0], Path(choice[0][1])) if choice[0] else None
+        return choice[0]
 
     def save(self, step: int, app_state: dict[str, Any], config: dict[str, Any],
-             rank0_files: Callable[[Path], None] | None = None,
+             rank0_files: Callable[[str], None] | None = None,
              every_rank_files: Callable[[Path], None] | None = None) -> None:
-        """Saves a checkpoint; `rank0_files(folder)` lets rank 0 add files of its own (the ledger),
-        `every_rank_files(folder)` every rank (an engine's collective save, e.g. DeepSpeed's)."""
+        """Saves a checkpoint; `rank0_files(location)` lets rank 0 add files of its own (the ledger),
+        `every_rank_files(folder)` every rank (an engine's collective save into a local folder,
+        e.g. DeepSpeed's)."""
         self.wait()
-        tmp = self.folder / f"step-{step:07d}.tmp"
+        tmp = join(self.folder, f"step-{step:07d}.tmp")
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
+            if self.fs.exists(self._path(tmp)):
+                self.fs.rm(self._path(tmp), recursive=True)
+            self.fs.makedirs(self._path(join(tmp, "rng")), exist_ok=True)
             if rank0_files:
                 rank0_files(tmp)
         dist.barrier(group=self.group)
-        torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank}.pt")
+        with fsspec.open(join(tmp, "rng", f"rank-{self.rank}.pt"), "wb") as fh:
+            torch.save(rng_state(), fh)
         if every_rank_files:
-            every_rank_files(tmp)
+            every_rank_files(Path(tmp))
         meta = {"step": step, "world_size": dist.get_world_size(), "config": config, "time": time.time()}
         if self.async_save:
-            future = dcp.async_save(app_state, checkpoint_id=str(tmp), process_group=self.group)
+            future = dcp.async_save(app_state, checkpoint_id=tmp, process_group=self.group)
             self._pending = (future, step, tmp, meta)
         else:
-            dcp.save(app_state, checkpoint_id=str(tmp), process_group=self.group)
+            dcp.save(app_state, checkpoint_id=tmp, process_group=self.group)
             self._finalize(step, tmp, meta)
 
     def wait(self) -> None:
-        """Finishes an async save still in flight (marker and rename); every rank calls it at
+        """Finishes an async save still in flight (rename and marker); every rank calls it at
         the same point of the loop, since it ends with barriers."""
         if self._pending is not None:
             future, step, tmp, meta = self._pending
@@ -173,22 +210,26 @@ class Checkpointer:
             future.result()
             self._finalize(step, tmp, meta)
 
-    def _finalize(self, step: int, tmp: Path, meta: dict) -> None:
+    def _finalize(self, step: int, tmp: str, meta: dict) -> None:
         dist.barrier(group=self.group)
         if self.rank == 0:
-            (tmp / MARKER).write_text(json.dumps({**meta, "files": file_digests(tmp)}, indent=1))
-            final = self.folder / f"step-{step:07d}"
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            final = join(self.folder, f"step-{step:07d}")
+            if self.fs.exists(self._path(final)):
+                self.fs.rm(self._path(final), recursive=True)
+            self.fs.mv(self._path(tmp), self._path(final), recursive=True)
+            # the marker last: a folder without it (a crash in between) is never loaded
+            with fsspec.open(join(final, MARKER), "w") as fh:
+                fh.write(json.dumps({**meta, "files": file_digests(final)}, indent=1))
             for _, old in complete_checkpoints(self.folder)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                self.fs.rm(self._path(old), recursive=True)
             log.info("checkpoint saved: %s", final)
         dist.barrier(group=self.group)
 
-    def load(self, path: Path, app_state: dict[str, Any]) -> dict[str, Any]:
-        """Loads `path` into app_state in place; restores this rank's RNG; returns the marker."""
-        dcp.load(app_state, checkpoint_id=str(path), process_group=self.group)
-        rng_file = path / "rng" / f"rank-{self.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return json.loads((path / MARKER).read_text())
+    def load(self, location: str, app_state: dict[str, Any]) -> dict[str, Any]:
+        """Loads `location` into app_state in place; restores this rank's RNG; returns the marker."""
+        dcp.load(app_state, checkpoint_id=location, process_group=self.group)
+        rng_file = join(location, "rng", f"rank-{self.rank}.pt")
+        if self.fs.exists(self._path(rng_file)):
+            with fsspec.open(rng_file, "rb") as fh:
+                set_rng_state(torch.load(fh, weights_only=False))
+        return json.loads(read_text(join(location, MARKER)))

@@ -39,7 +39,7 @@ class ModelConfig:
     window: int = 0  # sliding-window attention span in tokens; 0 = full causal
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attention_backend: str = "auto"  # auto | math | cpu_flash | flash | cudnn | flash_attn
+    attention_backend: str = "auto"  # auto | math | cpu_flash | flash | cudnn
     layer_pattern: str = ""  # S = softmax, L = linear attention, repeated over the layers; "" = all S
     linear_feature_map: str = "elu"  # identity | elu (elu + 1) | relu | silu
     linear_decay: bool = True  # per-head decay (RetNet); false: plain linear attention
@@ -105,6 +105,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    folder: str = ""  # "" = RUN_DIR/NAME/checkpoints; a shared path or an fsspec URL (s3://bucket/run, gs://…, file:///…)
     every: int = 100
     keep_last: int = 3
     async_save: bool = False
@@ -167,6 +168,11 @@ class JobConfig:
     def run_path(self) -> Path:
         return Path(self.run_dir) / self.name
 
+    @property
+    def checkpoint_folder(self) -> str:
+        """Where checkpoints live: a path or an fsspec URL."""
+        return self.checkpoint.folder or str(self.run_path / "checkpoints")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -174,7 +180,7 @@ class JobConfig:
         validate(self)
 
 
-ATTENTION_BACKENDS = ("auto", "math", "cpu_flash", "flash", "cudnn", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "math", "cpu_flash", "flash", "cudnn")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -221,6 +227,10 @@ def validate(cfg: JobConfig) -> None:
              f"train.compile must be true, false or auto, got {t.compile!r}")
     _require(cfg.checkpoint.every > 0, f"checkpoint.every must be positive, got {cfg.checkpoint.every}")
     _require(cfg.checkpoint.keep_last > 0, f"checkpoint.keep_last must be positive, got {cfg.checkpoint.keep_last}")
+    _require(not ("://" in cfg.checkpoint.folder and cfg.parallel.dp_engine == "deepspeed"),
+             "parallel.dp_engine=deepspeed saves its checkpoints to a local or shared path, not a URL")
+    if "://" in cfg.checkpoint.folder:
+        _check_url(cfg.checkpoint.folder)
     _require(cfg.cluster.device in ("auto", "cpu", "cuda"), f"unknown cluster.device '{cfg.cluster.device}'")
     _require(cfg.cluster.max_failures >= 0, "cluster.max_failures must be >= 0")
     c = cfg.cluster
@@ -252,6 +262,19 @@ def validate(cfg: JobConfig) -> None:
     _require(p.sp.mode in ("static", "adaptive"), f"unknown parallel.sp.mode '{p.sp.mode}'")
     _require(d.path != "", "data.path is not set (prepare a dataset with `loom prepare SRC OUT`)")
     _require(cfg.name != "" and "/" not in cfg.name, f"name must be a plain folder name, got '{cfg.name}'")
+
+
+def _check_url(url: str) -> None:
+    """A checkpoint URL whose protocol fsspec knows and whose driver is installed."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    if protocol not in fsspec.available_protocols():
+        raise ConfigError(f"checkpoint.folder: unknown storage protocol '{protocol}://' in {url}")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as err:
+        raise ConfigError(f"checkpoint.folder: {url} needs a package that is not installed ({err})") from None
 
 
 # --------------------------------------------------------------------------- loading

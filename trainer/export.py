@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from trainer.checkpoint import complete_checkpoints, damage
+from trainer.checkpoint import complete_checkpoints, damage, is_url, storage
 from trainer.config import ConfigError, ModelConfig, load_config
 
 NAMES = {
@@ -67,8 +67,13 @@ def hf_config(cfg: ModelConfig, context: int) -> dict:
     }
 
 
-def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+def load_model_state(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The full model state of a checkpoint (a URL's files are copied here first)."""
     with tempfile.TemporaryDirectory() as tmp:
+        if is_url(checkpoint):
+            fs, path = storage(checkpoint)
+            fs.get(path.rstrip("/") + "/", str(Path(tmp) / "ckpt"), recursive=True)
+            checkpoint = Path(tmp) / "ckpt"
         dcp_to_torch_save(checkpoint, Path(tmp) / "full.pt")
         return torch.load(Path(tmp) / "full.pt", weights_only=False)["train"]["model"]
 
@@ -80,7 +85,8 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
         raise ConfigError(f"{run} is not a Loom run folder (no config.yaml)")
     if cfg.model.has_linear or cfg.model.window:
         raise ConfigError("only softmax models without a sliding window have a Hugging Face Llama equivalent")
-    good = [(step, path) for step, path in complete_checkpoints(run / "checkpoints") if not damage(path)]
+    store = cfg.checkpoint.folder or run / "checkpoints"
+    good = [(step, path) for step, path in complete_checkpoints(store) if not damage(path)]
     if not good:
         raise ConfigError(f"{run} has no complete checkpoint")
     step, checkpoint = good[-1]

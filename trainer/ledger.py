@@ -8,8 +8,7 @@ epoch was trained twice or never.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import fsspec
 import numpy as np
 
 from trainer.sampler import Piece
@@ -26,17 +25,22 @@ class Ledger:
         self.steps.append(step)
         self.samples.append(np.array([(p.doc, p.start) for p in pieces], dtype=np.int64).reshape(-1, 2))
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: str) -> None:
+        """Writes the ledger into a checkpoint folder (a path or an fsspec URL)."""
         counts = np.array([s.shape[0] for s in self.samples], dtype=np.int64)
         flat = np.concatenate(self.samples) if self.samples else np.zeros((0, 2), np.int64)
-        np.savez(folder / FILE, steps=np.array(self.steps, dtype=np.int64), counts=counts, samples=flat)
+        with fsspec.open(f"{str(folder).rstrip('/')}/{FILE}", "wb") as fh:
+            np.savez(fh, steps=np.array(self.steps, dtype=np.int64), counts=counts, samples=flat)
 
     @classmethod
-    def load(cls, folder: Path) -> "Ledger":
+    def load(cls, folder: str) -> "Ledger":
         ledger = cls()
-        path = Path(folder) / FILE
-        if path.is_file():
-            data = np.load(path)
+        location = f"{str(folder).rstrip('/')}/{FILE}"
+        fs, path = fsspec.core.url_to_fs(location)
+        if fs.isfile(path):
+            with fs.open(path, "rb") as fh:
+                data = np.load(fh)
+                data = {k: data[k] for k in data.files}
             ledger.steps = data["steps"].tolist()
             ledger.samples = np.split(data["samples"], np.cumsum(data["counts"])[:-1]) if len(ledger.steps) else []
         return ledger

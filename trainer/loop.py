@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -123,7 +124,7 @@ class Trainer:
             self.adaptive = None
         self.progress = Progress()
         self.ledger = Ledger()
-        self.checkpointer = Checkpointer(cfg.run_path / "checkpoints", cfg.checkpoint.keep_last,
+        self.checkpointer = Checkpointer(cfg.checkpoint_folder, cfg.checkpoint.keep_last,
                                          self.dims.checkpoint_group, cfg.checkpoint.async_save)
         self.peak = peak_tflops(self.device, cfg.cluster.peak_tflops)
 
@@ -140,7 +141,7 @@ class Trainer:
         step, path = latest
         self.checkpointer.load(path, self.app_state())
         if self.engine is not None:
-            self.engine.load(path)
+            self.engine.load(Path(path))
         self.ledger = Ledger.load(path)
         log0(f"resumed from {path} (step {self.progress.step}/{self.cfg.train.max_steps})")
         return step
