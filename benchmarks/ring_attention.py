@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,20 +39,21 @@ def attention_flops(lengths: list[int], heads: int, head_dim: int) -> float:
 
 def timed(fn, warmup: int, iters: int, group=None) -> float:
     """Median seconds of fn() over iters, every rank starting together; the slowest rank counts."""
+    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         if group is not None:
             dist.barrier(group)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    t = torch.tensor([statistics.median(times)], device="cuda")
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    t = torch.tensor([statistics.median(times)], device="cuda" if cuda else "cpu")
     if group is not None:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.item()

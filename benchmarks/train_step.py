@@ -11,7 +11,13 @@ so each optimisation's gain is visible on the same machine:
 - `eager`: the same without `torch.compile`;
 - `sdpa`: eager, attention through plain `F.scaled_dot_product_attention` (is_causal, one document);
 - `flash`: torch's flash-attention op instead of cuDNN;
-- `no_overlap` (sp > 1): the ring waits for each K/V block before computing it.
+- `no_overlap` (sp > 1): the ring waits for each K/V block before computing it;
+- `adaptive` (sp > 1): adaptive SP — each step's sequences regrouped over all ranks (`sp.mode=adaptive`),
+  against the static SP of `loom` on the same batches; meaningful with `--data` of uneven lengths.
+
+`--data DIR` trains on a prepared dataset (e.g. the stdlib corpus of `make demo`, long-tailed)
+instead of random documents of exactly `--seq` tokens; `--seq` is then the context and the
+micro-batch budget, and `--microbatches` the micro-batches per step.
 
 MFU counts model FLOPs (matmuls, causal attention; no recompute) against 989 TFLOP/s (H100/H200
 dense bf16). `--profile DIR` writes a torch.profiler summary of two `loom` steps.
@@ -46,6 +52,7 @@ from parallel.planner.cost_model import hardware_profile  # noqa: E402
 from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch  # noqa: E402
 from parallel.ring_comm import set_overlap  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.dataset import TokenDataset  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.metrics import peak_memory_gb, peak_tflops  # noqa: E402
 from trainer.model import Mixers  # noqa: E402
@@ -57,6 +64,7 @@ VARIANTS = {
     "sdpa": ["train.compile=false"],
     "flash": ["model.attention_backend=flash"],
     "no_overlap": [],
+    "adaptive": ["parallel.sp.mode=adaptive"],
 }
 
 
@@ -84,7 +92,7 @@ def random_dataset(folder: Path, seq: int, documents: int) -> Path:
 
 def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) -> dict:
     overrides = [f"model={args.model}", f"data.path={data}", f"data.context_len={args.seq}",
-                 f"data.tokens_per_microbatch={args.seq}", f"train.global_microbatches={args.dp}",
+                 f"data.tokens_per_microbatch={args.seq}", f"train.global_microbatches={args.microbatches or args.dp}",
                  f"train.loss_chunk={args.loss_chunk}", f"train.max_steps={args.warmup + args.steps}",
                  f"train.activation_checkpointing={args.checkpointing}", "train.precision=bf16",
                  f"cluster.workers={args.dp * args.sp}", f"parallel.sp.degree={args.sp}",
@@ -112,17 +120,19 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
     dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
     world = dist.get_world_size()
     peak = peak_tflops(trainer.device, 0.0)
+    tokens, flops = sum(r["tokens"] for r in records), sum(r["flops"] for r in records)
     figures = {
         "variant": name, "model": args.model, "params_b": round(trainer.params / 1e9, 3), "seq": args.seq,
         "dp": args.dp, "sp": args.sp, "sp_method": args.sp_method if args.sp > 1 else None,
         "attention_backend": "sdpa" if name == "sdpa" else trainer.backend.name, "compiled": trainer.compiled,
         "blocks_recomputed": len(trainer.checkpointed), "loss_chunk": args.loss_chunk,
-        "step_s": round(step_s, 4), "tokens_per_s": round(records[0]["tokens"] / step_s),
-        "tokens_per_s_per_gpu": round(records[0]["tokens"] / step_s / world),
-        "mfu": round(records[0]["flops"] / world / step_s / (peak * 1e12), 4) if peak else None,
+        "data": args.data or f"random, {args.seq:,}-token documents",
+        "step_s": round(step_s, 4), "tokens_per_s": round(tokens / sum(times)),
+        "tokens_per_s_per_gpu": round(tokens / sum(times) / world),
+        "mfu": round(flops / world / sum(times) / (peak * 1e12), 4) if peak else None,
         "peak_mem_gb": round(peak_mem.item(), 2), "loss": round(records[-1]["loss"], 4),
         "steps_timed": len(times), "overrides": args.set,
-        **predicted(trainer, args),
+        **predicted(trainer, args, records),
     }
     trainer.loader.close()
     del trainer
@@ -133,16 +143,20 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
 CUDA = torch.cuda.is_available()
 
 
-def predicted(trainer: Trainer, args: argparse.Namespace) -> dict:
-    """What `loom plan` predicts for this very layout (its cost and memory model, `cluster.profile`)."""
+def predicted(trainer: Trainer, args: argparse.Namespace, records: list[dict]) -> dict:
+    """What `loom plan` predicts for this very layout (its cost and memory model, `cluster.profile`);
+    for adaptive SP, the mean of the per-step plans' predictions."""
+    if trainer.adaptive:
+        return {"predicted_step_s": round(statistics.mean(r["predicted_s"] for r in records), 4)}
     cfg = trainer.cfg
     name = torch.cuda.get_device_name() if CUDA else "cpu"
     hw = hardware_profile(cfg.cluster.profile, name)
     if CUDA:
         hw = replace(hw, gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 2**30)
     gpus = args.dp * args.sp
+    lengths = TokenDataset(args.data).lengths if args.data else [args.seq]
     search = PlanSearch(cfg.model, Cluster(1, gpus, replace(hw, gpus_per_node=gpus)),
-                        Histogram.from_lengths([args.seq], args.seq), args.seq * args.dp)
+                        Histogram.from_lengths(lengths, args.seq), args.seq * (args.microbatches or args.dp))
     layout = Candidate(args.dp, 1, 1, args.sp, args.sp_method, "static", args.seq,
                        checkpointing=len(trainer.checkpointed) / cfg.model.n_layers)
     step_s, _, _ = search.static_time(layout)
@@ -188,9 +202,9 @@ def write_profile(profiler: torch.profiler.profile, folder: Path, seq: int) -> N
 def worker(rank: int, args: argparse.Namespace, port: int, folder: str) -> None:
     init_distributed(rank, args.dp * args.sp, "127.0.0.1", port, timeout_s=900, local_rank=rank)
     try:
-        data = Path(folder) / "data"
+        data = Path(args.data) if args.data else Path(folder) / "data"
         for name in args.variants:
-            if name == "no_overlap" and args.sp == 1:
+            if name in ("no_overlap", "adaptive") and args.sp == 1:
                 continue
             try:
                 figures = run_variant(name, args, data, Path(folder) / "runs")
@@ -216,6 +230,8 @@ def main() -> None:
     parser.add_argument("--sp", type=int, default=1, help="GPUs per sequence (sequence parallelism)")
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--sp-method", default="ring")
+    parser.add_argument("--data", default="", help="a prepared dataset instead of random documents of --seq tokens")
+    parser.add_argument("--microbatches", type=int, default=0, help="micro-batches per step over all replicas (0: dp)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--checkpointing", default="auto", help="train.activation_checkpointing of every variant")
     parser.add_argument("--loss-chunk", type=int, default=8192)
@@ -227,7 +243,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     with tempfile.TemporaryDirectory() as folder:
-        random_dataset(Path(folder), args.seq, documents=(args.warmup + args.steps + 3) * args.dp)
+        if not args.data:
+            random_dataset(Path(folder), args.seq, documents=(args.warmup + args.steps + 3) * args.dp)
         torch.multiprocessing.spawn(worker, (args, free_port(), folder), nprocs=args.dp * args.sp)
 
 
