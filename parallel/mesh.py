@@ -159,6 +159,10 @@ class ParallelDims:
     def pp_rank(self) -> int:
         return self.mesh["pp"].get_local_rank()
 
+    @property
+    def sp_rank(self) -> int:
+        return self.mesh["ring"].get_local_rank() * self.ulysses + self.mesh["ulysses"].get_local_rank()
+
     def sp_groups(self) -> SPGroups:
         return SPGroups(self.ring, self.ulysses, self.mesh["ring"].get_local_rank(),
                         self.mesh["ulysses"].get_local_rank(), self.mesh["ring"].get_group(),

@@ -87,8 +87,9 @@ class Pipeline:
         return losses
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None) -> float:
-    """Global-norm clipping over every stage's parameters (squared norms summed over pp); max_norm 0: none."""
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Global-norm clipping over every stage's parameters (squared norms summed over pp); max_norm 0:
+    none. The norm stays on the device: no host synchronisation."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     if hasattr(norm, "full_tensor"):
@@ -97,8 +98,6 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group: dist.P
         squared = norm.double() ** 2
         dist.all_reduce(squared, group=pp_group)
         norm = squared.sqrt()
-    norm = float(norm)
-    if max_norm > 0 and norm > max_norm:
-        for g in grads:
-            g.mul_(max_norm / (norm + 1e-6))
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
     return norm

@@ -180,10 +180,11 @@ class Trainer:
 
     def static_work(self, batches: list[PackedBatch]):
         """This rank's micro-batches (its SP share of its dp share), the step's label count, its FLOPs."""
-        shards = [self.shard(b.to(self.device)) for b in batches]
-        counts = self.dims.tp_rank == 0 and self.dims.pp_rank == 0  # tp and pp ranks share tokens: count once
-        labels = torch.tensor([float(sum(b.num_labels() for b, _ in shards)) * counts], dtype=torch.float64)
+        # labels counted on the host batches, once per dp replica (its tp, pp and sp ranks share them)
+        counts = self.dims.tp_rank == 0 and self.dims.pp_rank == 0 and self.dims.sp_rank == 0
+        labels = torch.tensor([float(sum(b.num_labels() for b in batches)) * counts], dtype=torch.float64)
         dist.all_reduce(labels)
+        shards = [self.shard(b.to(self.device)) for b in batches]
         flops = training_flops(self.cfg.model, [n for b in batches for n in b.doc_lengths()]) / self.dims.sp * counts
         return shards, labels.item(), flops, {}
 
@@ -197,8 +198,8 @@ class Trainer:
                 "plan_gap": plan.gap, "solver": plan.solver}
         return items, float(sum(b.num_labels() for b in batches)), flops, info
 
-    def run_microbatches(self, items: list[tuple[PackedBatch, Mixers]], loss_scale: float) -> float:
-        """Forward and backward of each micro-batch in turn; the summed token loss."""
+    def run_microbatches(self, items: list[tuple[PackedBatch, Mixers]], loss_scale: float) -> torch.Tensor:
+        """Forward and backward of each micro-batch in turn; the summed token loss (on the device)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (batch, mixers) in enumerate(items):
             last = i == len(items) - 1
@@ -211,7 +212,7 @@ class Trainer:
                     loss = self.microbatch_loss(batch, mixers)
                 self.backward(loss * loss_scale)
             loss_sum += full(loss).detach().double()
-        return loss_sum.item()
+        return loss_sum
 
     def microbatch_loss(self, batch: PackedBatch, mixers: Mixers) -> torch.Tensor:
         if self.dims.tp > 1:  # logits sharded over the vocabulary: a loss-parallel cross-entropy
@@ -230,14 +231,17 @@ class Trainer:
     def vocab_parallel(self):
         return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
 
-    def run_pipeline(self, items: list[tuple[PackedBatch, Mixers]], loss_scale: float) -> float:
+    def run_pipeline(self, items: list[tuple[PackedBatch, Mixers]], loss_scale: float) -> torch.Tensor:
         """The step's micro-batches through the pipeline schedule; the last stage's summed token loss."""
         self.loss_scale = loss_scale
         tokens = torch.stack([b.tokens for b, _ in items])
         labels = torch.stack([b.labels for b, _ in items])
         with self.autocast(), self.vocab_parallel():
             losses = self.pipeline.step(tokens, labels, [(b.positions, mixers) for b, mixers in items])
-        return sum(float(full(loss).detach()) for loss in losses) / loss_scale
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for loss in losses:  # (only the last stage has losses)
+            total += full(loss).detach().double()
+        return total / loss_scale
 
     def pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -267,11 +271,17 @@ class Trainer:
             self.schedulers.step()
         first = self.dims.tp_rank == 0 and self.dims.pp_rank == 0
         last = self.dims.tp_rank == 0 and (self.pipeline is None or self.pipeline.last)
-        figures = torch.tensor([loss_sum * last, sum(b.num_real for b, _ in items) * first, flops],
-                               dtype=torch.float64)
+        # the step's one host synchronisation: its figures, summed over ranks, for the log
+        figures = torch.stack([loss_sum.to(self.device, torch.float64) * last,
+                               torch.tensor(float(sum(b.num_real for b, _ in items) * first), dtype=torch.float64,
+                                            device=self.device),
+                               torch.tensor(flops, dtype=torch.float64, device=self.device),
+                               torch.as_tensor(norm, dtype=torch.float64).to(self.device)])
         dist.all_reduce(figures)
-        return {"loss": figures[0].item() / global_labels, "tokens": int(figures[1].item()),
-                "flops": figures[2].item(), "grad_norm": norm, "lr": lr, **info}
+        loss, tokens, flops, norm_sum = figures.tolist()
+        grad_norm = norm if isinstance(norm, float) else norm_sum / dist.get_world_size()
+        return {"loss": loss / global_labels, "tokens": int(tokens), "flops": flops, "grad_norm": grad_norm,
+                "lr": lr, **info}
 
     def fit(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Trains to max_steps (or run_steps more); `on_step(step)` runs after each step."""
