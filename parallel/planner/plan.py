@@ -56,7 +56,7 @@ def winner_config(cfg: JobConfig, c: Candidate, global_tokens: int) -> JobConfig
     raw["data"]["tokens_per_microbatch"] = budget
     microbatches = max(1, round(global_tokens / budget), c.pp * c.dp)  # pipelines need ≥ pp per dp rank
     raw["train"]["global_microbatches"] = -(-microbatches // c.dp) * c.dp
-    raw["train"]["activation_checkpointing"] = c.checkpointing
+    raw["train"]["activation_checkpointing"] = round(c.checkpointing * cfg.model.n_layers)
     raw["train"]["loss_chunk"] = loss_chunk(c)
     raw["cluster"]["device"] = "cuda" if raw["cluster"]["profile"] not in ("cpu",) else raw["cluster"]["device"]
     return config_from_dict(raw)
@@ -72,7 +72,7 @@ def print_table(found: list[Candidate], top: int) -> None:
     for i, c in enumerate([c for c in found if c.feasible][:top], 1):
         budget = f"{c.budget:,}" + ("/GPU" if c.mode == "adaptive" else "")
         ge, le = ("≥ ", "≤ ") if "lower bound" in c.verdict else ("", "")
-        table.add_row(str(i), c.layout, "yes" if c.checkpointing else "no", budget, f"{ge}{c.step_s:.3f}",
+        table.add_row(str(i), c.layout, f"{c.checkpointing:.0%}" if c.checkpointing else "no", budget, f"{ge}{c.step_s:.3f}",
                       f"{le}{c.tokens_per_s:,.0f}", f"{le}{100 * c.mfu:.1f}%", f"{c.memory_gb:.1f}", c.verdict or "best")
     console = Console(width=None if Console().is_terminal else 160)
     console.print(table)
@@ -96,7 +96,7 @@ def plot(found: list[Candidate], path: Path, memory_gb: float, top: int = 20) ->
     feasible = [c for c in found if c.feasible]
     best = feasible[:top]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1.2, 1]})
-    labels = [f"{c.layout}{' ckpt' if c.checkpointing else ''} · {c.budget:,}" for c in best]
+    labels = [f"{c.layout}{f' ckpt {c.checkpointing:.0%}' if c.checkpointing else ''} · {c.budget:,}" for c in best]
     colors = ["#c44e52"] + ["#55a868"] * (len(best) - 1)
     ax1.barh(range(len(best))[::-1], [c.tokens_per_s for c in best], color=colors)
     ax1.set_yticks(range(len(best))[::-1], labels, fontsize=7)
@@ -146,7 +146,7 @@ def run_plan(cfg: JobConfig, source: str, out: str, top: int = 15) -> Candidate:
     (folder / "plan.yaml").write_text(f"# loom plan: {winner.layout}, predicted {winner.step_s:.3f} s/step, "
                                       f"{winner.tokens_per_s:,.0f} tokens/s, {winner.memory_gb:.1f} GB/GPU\n"
                                       + dump_config(plan_cfg))
-    print(f"plan: {winner.layout}{' with activation checkpointing' if winner.checkpointing else ''} → "
+    print(f"plan: {winner.layout}{f' recomputing {winner.checkpointing:.0%} of the blocks' if winner.checkpointing else ''} → "
           f"{folder / 'plan.yaml'} (candidates: {folder / 'plan.png'})")
     return winner
 

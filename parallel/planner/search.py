@@ -1,8 +1,8 @@
 """`loom plan`'s search: layouts of a cluster, timed and sized with the shared cost model.
 
 Candidates: dp × tp × pp × sp degrees (powers of two; tp inside a node), SP method (ring,
-ring_bidir, ulysses), static or adaptive SP, the micro-batch token budget and activation
-checkpointing. A static layout runs m = global tokens / (dp × budget) micro-batches per data-
+ring_bidir, ulysses), static or adaptive SP and the micro-batch token budget; each with the
+fewest activation-checkpointed blocks that fit memory. A static layout runs m = global tokens / (dp × budget) micro-batches per data-
 parallel replica; one takes the cost model's time for `budget` tokens of the corpus's length mix
 (token-weighted moments of the histogram), split over tp × sp and over pp stages with 1F1B's
 bubble of pp − 1 micro-batches. TP adds four activation all-reduces per layer (fwd + bwd), PP a
@@ -89,7 +89,7 @@ class Candidate:
     sp_method: str
     mode: str  # static | adaptive
     budget: int  # static: tokens per micro-batch; adaptive: tokens per GPU
-    checkpointing: bool
+    checkpointing: float = 0.0  # fraction of blocks recomputed: the least that fits memory
     step_s: float = math.inf
     memory_gb: float = 0.0
     tokens_per_s: float = 0.0
@@ -245,8 +245,7 @@ class PlanSearch:
                         if method == "ulysses" and (m.n_heads // tp) % sp:
                             continue
                         for budget in budgets:
-                            for ckpt in (False, True):
-                                out.append(Candidate(dp, tp, pp, sp, method, "static", budget, ckpt))
+                            out.append(self.fitted(Candidate(dp, tp, pp, sp, method, "static", budget)))
         return out
 
     def adaptive_candidates(self) -> list[Candidate]:
@@ -263,9 +262,24 @@ class PlanSearch:
                     if method == "ulysses" and (m.n_heads // tp) % sp:
                         continue
                     for budget in (least, 2 * least, 4 * least):
-                        for ckpt in (False, True):
-                            out.append(Candidate(pool // sp, tp, 1, sp, method, "adaptive", budget, ckpt))
+                        out.append(self.fitted(Candidate(pool // sp, tp, 1, sp, method, "adaptive", budget)))
         return out
+
+    def fitted(self, c: Candidate) -> Candidate:
+        """The candidate with the fewest recomputed blocks that let it fit memory (selective
+        activation checkpointing, as the trainer's `auto` chooses); all blocks if none fits.
+        Recomputing fewer blocks is never slower, so this is the candidate's best setting."""
+        n = self.model.n_layers
+        lo, hi = 0, n  # memory falls as more blocks are recomputed: the least k that fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            c.checkpointing = mid / n
+            if self.memory_gb(c) <= self.cluster.hw.gpu_memory_gb:
+                hi = mid
+            else:
+                lo = mid + 1
+        c.checkpointing = lo / n
+        return c
 
     def run(self, budgets: list[int], adaptive: bool = True) -> list[Candidate]:
         """Every candidate, feasible ones first by step time; the first is the plan.
