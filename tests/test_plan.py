@@ -106,3 +106,26 @@ def test_invalid_cluster_specs_get_one_clear_line(override, message, capsys, sma
     code = main(["plan", "configs/train/llama-8b-long.yaml", str(small_dataset), *override, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_each_layout_recomputes_the_fewest_blocks_that_fit():
+    """Selective checkpointing: a feasible layout fits with its block count and would not with one
+    block fewer; the trainer's `auto` (CostModel.blocks_to_checkpoint) obeys the same rule."""
+    from dataclasses import replace
+
+    from parallel.planner.cost_model import CostModel
+
+    s = search(memory_gb=80.0)
+    found = s.run(BUDGETS, adaptive=False)
+    partial = [c for c in found if c.feasible and 0 < c.checkpointing < 1]
+    assert partial, "no layout needed only some of its blocks recomputed"
+    for c in found:
+        if c.feasible and c.checkpointing > 0:
+            assert s.memory_gb(replace(c, checkpointing=c.checkpointing - 1 / LLAMA_8B.n_layers)) > 80.0
+    cost = CostModel(LLAMA_8B, replace(PRESETS["H100"], gpu_memory_gb=80.0), loss_chunk=8192)
+    counts = [cost.blocks_to_checkpoint(tokens, shard=8) for tokens in (4096, 16384, 32768, 65536)]
+    assert counts == sorted(counts) and counts[0] == 0 and 0 < counts[-1]
+    for tokens, k in zip((4096, 16384, 32768, 65536), counts):
+        fits = lambda blocks: (replace(cost, activation_checkpointing=blocks / 32).activation_bytes(tokens)  # noqa: E731
+                               <= cost.free_bytes(8))
+        assert (k == 32 or fits(k)) and (k == 0 or not fits(k - 1))
