@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from launch.distributed import free_port, init_distributed, shutdown_distributed  # noqa: E402
-from parallel.planner.cost_model import hardware_profile  # noqa: E402
+from parallel.planner.cost_model import device_profile  # noqa: E402
 from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch  # noqa: E402
 from parallel.ring_comm import set_overlap  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -149,10 +149,7 @@ def predicted(trainer: Trainer, args: argparse.Namespace, records: list[dict]) -
     if trainer.adaptive:
         return {"predicted_step_s": round(statistics.mean(r["predicted_s"] for r in records), 4)}
     cfg = trainer.cfg
-    name = torch.cuda.get_device_name() if CUDA else "cpu"
-    hw = hardware_profile(cfg.cluster.profile, name)
-    if CUDA:
-        hw = replace(hw, gpu_memory_gb=torch.cuda.get_device_properties(0).total_memory / 2**30)
+    hw = device_profile(cfg.cluster.profile, trainer.device)
     gpus = args.dp * args.sp
     lengths = TokenDataset(args.data).lengths if args.data else [args.seq]
     search = PlanSearch(cfg.model, Cluster(1, gpus, replace(hw, gpus_per_node=gpus)),

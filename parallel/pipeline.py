@@ -90,8 +90,8 @@ class Pipeline:
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None) -> torch.Tensor:
     """Global-norm clipping over every stage's parameters (squared norms summed over pp); max_norm 0:
     none. The norm stays on the device: no host synchronisation."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     if pp_group is not None:
@@ -99,5 +99,5 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, pp_group: dist.P
         dist.all_reduce(squared, group=pp_group)
         norm = squared.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +28,7 @@ from parallel.lasp import LocalLinearAttention, SequenceParallelLinear
 from parallel.data_parallel import apply_activation_checkpointing, apply_fsdp, checkpointed_blocks
 from parallel.deepspeed_engine import DeepSpeedEngine
 from parallel.mesh import ParallelDims
-from parallel.planner.cost_model import CostModel, hardware_profile
+from parallel.planner.cost_model import CostModel, device_name, device_profile, hardware_profile
 from parallel.pipeline import Pipeline, clip_grad_norm, split_model, stage_ids
 from parallel.sequence_parallel import SequenceParallelAttention, make_layout
 from parallel.tensor_parallel import apply_tp
@@ -276,10 +276,9 @@ class Trainer:
                                torch.tensor(float(sum(b.num_real for b, _ in items) * first), dtype=torch.float64,
                                             device=self.device),
                                torch.tensor(flops, dtype=torch.float64, device=self.device),
-                               torch.as_tensor(norm, dtype=torch.float64).to(self.device)])
-        dist.all_reduce(figures)
-        loss, tokens, flops, norm_sum = figures.tolist()
-        grad_norm = norm if isinstance(norm, float) else norm_sum / dist.get_world_size()
+                               torch.as_tensor(norm, dtype=torch.float64).to(self.device) * (self.rank == 0)])
+        dist.all_reduce(figures)  # (the norm is global already: rank 0's copy is kept)
+        loss, tokens, flops, grad_norm = figures.tolist()
         return {"loss": loss / global_labels, "tokens": int(tokens), "flops": flops, "grad_norm": grad_norm,
                 "lr": lr, **info}
 
@@ -374,18 +373,13 @@ def checkpoint_count(cfg: JobConfig, dims: ParallelDims, device: torch.device) -
         return n if setting else 0
     if isinstance(setting, int):
         return setting
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    hw = hardware_profile(cfg.cluster.profile, name)
-    if device.type == "cuda":
-        hw = replace(hw, gpu_memory_gb=torch.cuda.get_device_properties(device).total_memory / 2**30)
-    cost = CostModel(cfg.model, hw, loss_chunk=cfg.train.loss_chunk)
+    cost = CostModel(cfg.model, device_profile(cfg.cluster.profile, device), loss_chunk=cfg.train.loss_chunk)
     return cost.blocks_to_checkpoint(cfg.data.tokens_per_microbatch // dims.sp, dims.dp * dims.sp)
 
 
 def adaptive_budget(cfg: JobConfig, device: torch.device) -> tuple[CostModel, int]:
     """The cost model of adaptive SP and each rank's activation budget in tokens."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    cost = CostModel(cfg.model, hardware_profile(cfg.cluster.profile, name), method=cfg.parallel.sp.method)
+    cost = CostModel(cfg.model, hardware_profile(cfg.cluster.profile, device_name(device)), method=cfg.parallel.sp.method)
     budget = cfg.parallel.sp.tokens_per_gpu or cost.tokens_per_gpu(cfg.cluster.workers, unsharded_copy=True)
     return cost, budget
 

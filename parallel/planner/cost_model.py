@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from trainer.config import ModelConfig
 
@@ -72,6 +73,19 @@ def hardware_profile(spec: str, device_name: str = "") -> HardwareProfile:
     if Path(spec).is_file():
         return HardwareProfile.load(spec)
     raise ValueError(f"unknown hardware profile '{spec}' (a preset: {', '.join(PRESETS)}; or a JSON file)")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def device_profile(spec: str, device: torch.device) -> HardwareProfile:
+    """The profile of this process's device (`spec` as for `hardware_profile`), with the device's
+    own memory on a GPU."""
+    hw = hardware_profile(spec, device_name(device))
+    if device.type == "cuda":
+        hw = replace(hw, gpu_memory_gb=torch.cuda.get_device_properties(device).total_memory / 2**30)
+    return hw
 
 
 BYTES = 2  # bf16 activations and K/V on the wire

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from parallel.attention import LocalAttention, select_backend
-from parallel.planner.cost_model import CostModel, hardware_profile
+from parallel.planner.cost_model import CostModel, device_name, device_profile
 from trainer.compiled import compile_elementwise, should_compile
 from trainer.config import JobConfig
 from trainer.model import Transformer
@@ -53,8 +53,8 @@ def _time_model(model: Transformer, length: int, backend, device: torch.device, 
 
 def profile(cfg: JobConfig, lengths: list[int], repeats: int = 3) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    base = hardware_profile(cfg.cluster.profile, name)
+    name = device_name(device)
+    base = device_profile(cfg.cluster.profile, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
@@ -69,8 +69,6 @@ def profile(cfg: JobConfig, lengths: list[int], repeats: int = 3) -> dict:
     fitted = replace(base, name=name, microbatch_overhead_s=max(float(e), 0.0),
                      attention_tflops=1e-12 / inv_attention if inv_attention > 0 else base.attention_tflops,
                      matmul_tflops=1e-12 / inv_matmul if inv_matmul > 0 else base.matmul_tflops)
-    if device.type == "cuda":
-        fitted = replace(fitted, gpu_memory_gb=torch.cuda.get_device_properties(device).total_memory / 2**30)
     predicted = [CostModel(cfg.model, fitted).microbatch_time([n], 1) for n in lengths]
     return {**asdict(fitted), "measured": {
         "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
