@@ -24,8 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from parallel.adaptive import AdaptivePlanner  # noqa: E402
-from parallel.planner.cost_model import CostModel, hardware_profile  # noqa: E402
+from parallel.planner.adaptive import AdaptivePlanner  # noqa: E402
+from parallel.planner.cost_model import CostModel  # noqa: E402
+from parallel.planner.hardware import named_profile  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     p.add_argument("--out", default="")
     args = p.parse_args()
     model = load_config(ROOT / "configs" / "train" / "demo.yaml", ["model=llama-8b"]).model
-    cost = CostModel(model, hardware_profile(args.profile), method=args.method)
+    cost = CostModel(model.shape, named_profile(args.profile, ""), method=args.method)
     rng = np.random.default_rng(1)
     lines = []
     cases = [(context, name, pool) for context in args.contexts

@@ -20,7 +20,7 @@ else
   python3 benchmarks/ring_attention.py --lengths 131072 524288 --native-cp --out "$OUT/ring_attention.jsonl" 2>&1 | grep '^{'
   python3 benchmarks/lasp.py --lengths 131072 524288 2097152 --chunk 256 --out "$OUT/lasp.jsonl" 2>&1 | grep '^{'
   $step --seq 131072 --sp 2 --variants loom no_overlap "$@" 2>&1 | grep '^{'
-  python3 -m trainer.cli prepare "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
+  python3 -m launch.cli prepare "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
     /tmp/stdlib --include '*.py' --exclude 'site-packages/*' > /dev/null
   $step --seq 131072 --sp 2 --data /tmp/stdlib --microbatches 8 --variants loom adaptive "$@" 2>&1 | grep '^{'
 fi

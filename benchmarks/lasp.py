@@ -24,11 +24,13 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ring_attention import fwd_bwd, timed  # noqa: E402
-from launch.distributed import free_port  # noqa: E402
 from parallel.attention import LocalAttention, select_backend  # noqa: E402
+from parallel.choices import fastest_backend  # noqa: E402
 from parallel.lasp import LocalLinearAttention, SequenceParallelLinear  # noqa: E402
 from parallel.linear_attention import decay_rates  # noqa: E402
+from parallel.layout import Layout  # noqa: E402
 from parallel.mesh import ParallelDims  # noqa: E402
+from parallel.process_group import free_port  # noqa: E402
 from parallel.sequence_parallel import SequenceParallelAttention, make_layout  # noqa: E402
 
 
@@ -46,12 +48,12 @@ def run(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=900))
-    backend = select_backend("auto", device)
+    backend = select_backend(fastest_backend(device.type), device)
     decay = decay_rates(args.kv_heads, True).to(device)
     stamp = {"device": torch.cuda.get_device_name() if cuda else "cpu", "gpus": world, "torch": torch.__version__,
              "date": datetime.date.today().isoformat(), "heads": args.heads, "kv_heads": args.kv_heads,
              "head_dim": args.head_dim, "chunk": args.chunk, "decay": True}
-    groups = ParallelDims(dp=1, ring=world, ulysses=1, sp_method="ring").build(device).sp_groups() if world > 1 else None
+    groups = ParallelDims(Layout(dp=1, ring=world), device).sp_groups() if world > 1 else None
     lines = []
 
     def report(line: dict) -> None:

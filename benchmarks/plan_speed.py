@@ -18,8 +18,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from parallel.planner.plan import run_plan  # noqa: E402
 from trainer.config import load_config  # noqa: E402
+from trainer.plan import run_plan  # noqa: E402
 
 
 def histogram_file(folder: Path, buckets: int = 4096) -> Path:

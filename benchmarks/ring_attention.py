@@ -28,8 +28,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from parallel.attention import LocalAttention, select_backend  # noqa: E402
+from parallel.layout import Layout, ring_and_ulysses  # noqa: E402
 from parallel.mesh import ParallelDims  # noqa: E402
-from parallel.sequence_parallel import SequenceParallelAttention, make_layout, split_degree  # noqa: E402
+from parallel.sequence_parallel import SequenceParallelAttention, make_layout  # noqa: E402
 
 
 def attention_flops(lengths: list[int], heads: int, head_dim: int) -> float:
@@ -129,9 +130,9 @@ def run(rank: int, world: int, args: argparse.Namespace) -> None:
         single_t = torch.tensor([single or 0.0], device="cuda")
         dist.broadcast(single_t, 0)
         for method in args.methods:
-            ring, ulysses = split_degree(method, world, world)
-            groups = ParallelDims(dp=1, ring=ring, ulysses=ulysses, sp_method=method).build(
-                torch.device("cuda")).sp_groups()
+            ring, ulysses = ring_and_ulysses(method, world, world)
+            groups = ParallelDims(Layout(dp=1, ring=ring, ulysses=ulysses, sp_method=method),
+                                  torch.device("cuda")).sp_groups()
             layout = make_layout(lengths, groups, device="cuda")
             idx = torch.from_numpy(layout.indices(groups.rank)).cuda()
             attend = SequenceParallelAttention(layout, groups, backend)

@@ -47,16 +47,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.distributed import free_port, init_distributed, shutdown_distributed  # noqa: E402
-from parallel.planner.cost_model import device_profile  # noqa: E402
 from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch  # noqa: E402
+from parallel.process_group import free_port, init_distributed, shutdown_distributed  # noqa: E402
 from parallel.ring_comm import set_overlap  # noqa: E402
+from trainer.adaptive_work import AdaptiveWork  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.dataset import TokenDataset  # noqa: E402
+from trainer.job import Target, resolve  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
-from trainer.metrics import peak_memory_gb, peak_tflops  # noqa: E402
+from trainer.metrics import peak_memory_gb  # noqa: E402
 from trainer.model import Mixers  # noqa: E402
 from trainer.prepare import prepare  # noqa: E402
+from trainer.work import StaticWork  # noqa: E402
 
 VARIANTS = {
     "loom": [],
@@ -68,8 +70,8 @@ VARIANTS = {
 }
 
 
-class SdpaTrainer(Trainer):
-    """The trainer with attention through plain SDPA: one causal document per micro-batch, sp = 1."""
+class SdpaWork(StaticWork):
+    """The trainer's step with attention through plain SDPA: one causal document per micro-batch, sp = 1."""
 
     def sp_shard(self, batch):
         def attend(q, k, v):
@@ -98,9 +100,11 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
                  f"cluster.workers={args.dp * args.sp}", f"parallel.sp.degree={args.sp}",
                  f"parallel.sp.method={args.sp_method}", f"run_dir={run_dir}", f"name={name}",
                  *args.set, *VARIANTS[name]]
-    cfg = load_config(None, overrides)
+    job = resolve(load_config(None, overrides), Target.this_process())
     set_overlap(name != "no_overlap")
-    trainer = (SdpaTrainer if name == "sdpa" else Trainer)(cfg)
+    trainer = Trainer(job)
+    if name == "sdpa":
+        trainer.work = SdpaWork(job.cfg, trainer.dims, trainer.backend, trainer.device, pipelined=False)
     times, records = [], []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -119,13 +123,13 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
     peak_mem = torch.tensor([peak_memory_gb(trainer.device)])
     dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
     world = dist.get_world_size()
-    peak = peak_tflops(trainer.device, 0.0)
+    peak = job.peak_tflops
     tokens, flops = sum(r["tokens"] for r in records), sum(r["flops"] for r in records)
     figures = {
         "variant": name, "model": args.model, "params_b": round(trainer.params / 1e9, 3), "seq": args.seq,
         "dp": args.dp, "sp": args.sp, "sp_method": args.sp_method if args.sp > 1 else None,
-        "attention_backend": "sdpa" if name == "sdpa" else trainer.backend.name, "compiled": trainer.compiled,
-        "blocks_recomputed": len(trainer.checkpointed), "loss_chunk": args.loss_chunk,
+        "attention_backend": "sdpa" if name == "sdpa" else trainer.backend.name, "compiled": job.compile,
+        "blocks_recomputed": job.recomputed_blocks, "loss_chunk": args.loss_chunk,
         "data": args.data or f"random, {args.seq:,}-token documents",
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / sum(times)),
         "tokens_per_s_per_gpu": round(tokens / sum(times) / world),
@@ -146,16 +150,16 @@ CUDA = torch.cuda.is_available()
 def predicted(trainer: Trainer, args: argparse.Namespace, records: list[dict]) -> dict:
     """What `loom plan` predicts for this very layout (its cost and memory model, `cluster.profile`);
     for adaptive SP, the mean of the per-step plans' predictions."""
-    if trainer.adaptive:
+    if isinstance(trainer.work, AdaptiveWork):
         return {"predicted_step_s": round(statistics.mean(r["predicted_s"] for r in records), 4)}
-    cfg = trainer.cfg
-    hw = device_profile(cfg.cluster.profile, trainer.device)
+    job = trainer.job
+    hw = job.hardware
     gpus = args.dp * args.sp
     lengths = TokenDataset(args.data).lengths if args.data else [args.seq]
-    search = PlanSearch(cfg.model, Cluster(1, gpus, replace(hw, gpus_per_node=gpus)),
+    search = PlanSearch(job.model.shape, Cluster(1, replace(hw, gpus_per_node=gpus)),
                         Histogram.from_lengths(lengths, args.seq), args.seq * (args.microbatches or args.dp))
     layout = Candidate(args.dp, 1, 1, args.sp, args.sp_method, "static", args.seq,
-                       checkpointing=len(trainer.checkpointed) / cfg.model.n_layers)
+                       recomputed=job.recomputed_blocks / job.model.n_layers)
     step_s, _, _ = search.static_time(layout)
     return {"predicted_step_s": round(step_s, 4), "predicted_mem_gb": round(search.memory_gb(layout), 2),
             "profile": hw.name}

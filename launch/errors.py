@@ -1,9 +1,5 @@
 """Errors of the launch layer that the CLI reports as one line (kept free of heavy imports)."""
 
 
-class CollectiveTimeout(RuntimeError):
-    """A collective (or point-to-point exchange) that some rank never joined."""
-
-
 class PlacementError(RuntimeError):
     """Ray could not place the workers as the layout requires."""

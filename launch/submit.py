@@ -40,7 +40,7 @@ def stage(cfg: JobConfig) -> Path:
 def submit(cfg: JobConfig, address: str, wait: bool = True, python: str = "python") -> str:
     staged = stage(cfg)
     job = client(address).submit_job(
-        entrypoint=f"{python} -m trainer.cli train {staged}",
+        entrypoint=f"{python} -m launch.cli train {staged}",
         submission_id=f"loom-{cfg.name}-{int(time.time())}",
         runtime_env={"working_dir": str(Path.cwd()), "excludes": EXCLUDES,
                      "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **cfg.cluster.env}},

@@ -17,7 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from launch.errors import PlacementError
-from trainer.config import JobConfig
+from trainer.job import Job
 
 
 @ray.remote
@@ -34,34 +34,33 @@ class TrainWorker:
 
     def placement(self) -> tuple[str, str, list[str]]:
         """(node id, node address, this actor's GPU ids)."""
-        from launch.distributed import node_ip
-
-        return ray.get_runtime_context().get_node_id(), node_ip(), [str(g) for g in ray.get_gpu_ids()]
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), \
+            [str(g) for g in ray.get_gpu_ids()]
 
     def free_port(self) -> int:
-        from launch.distributed import free_port
+        from parallel.process_group import free_port
 
         return free_port()
 
-    def run(self, cfg_dict: dict[str, Any], master_addr: str, master_port: int,
-            visible_gpus: list[str], local_rank: int) -> dict[str, Any]:
-        from launch.distributed import init_distributed, shutdown_distributed
-        from trainer.config import config_from_dict
+    def run(self, job: Job, master_addr: str, master_port: int, visible_gpus: list[str],
+            local_rank: int) -> dict[str, Any]:
+        from parallel.process_group import init_distributed, shutdown_distributed
         from trainer.loop import train
 
         if visible_gpus:  # every GPU of the group on this node, so NCCL can use peer-to-peer links
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible_gpus)
-        cfg = config_from_dict(cfg_dict)
-        os.environ.update(cfg.cluster.env)
-        init_distributed(self.rank, self.world, master_addr, master_port, cfg.cluster.timeout_s, local_rank)
+        os.environ.update(job.cfg.cluster.env)
+        init_distributed(self.rank, self.world, master_addr, master_port, job.cfg.cluster.timeout_s, local_rank)
         try:
-            return train(cfg)
+            return train(job)
         finally:
             shutdown_distributed()
 
 
 class WorkerGroup:
-    def __init__(self, cfg: JobConfig, use_gpu: bool, block: int, timeout_s: float = 600):
+    def __init__(self, job: Job, block: int, timeout_s: float = 600):
+        cfg = job.cfg
+        use_gpu = job.target.device == "cuda"
         world = cfg.cluster.workers
         bundle = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         self.pgs = [placement_group([dict(bundle) for _ in range(block)], strategy="STRICT_PACK")
@@ -81,7 +80,7 @@ class WorkerGroup:
             ).remote(i, world, cfg.cluster.cpus_per_worker)
             for i in range(world)
         ]
-        self.cfg = cfg
+        self.job = job
         self.places: list[tuple[str, str, list[str]]] = []
 
     def run(self) -> list[dict[str, Any]]:
@@ -99,7 +98,7 @@ class WorkerGroup:
         for worker, (node, _, gpus) in zip(self.workers, places):
             visible = sorted(node_gpus[node], key=int)
             local_rank = visible.index(gpus[0]) if gpus else 0
-            refs.append(worker.run.remote(self.cfg.to_dict(), master_addr, master_port, visible, local_rank))
+            refs.append(worker.run.remote(self.job, master_addr, master_port, visible, local_rank))
         pending = list(refs)
         while pending:  # surface the first failure at once instead of waiting on the survivors
             done, pending = ray.wait(pending, num_returns=1)

@@ -18,12 +18,10 @@ import torch
 import torch.distributed as dist
 
 from parallel import linear_attention as la
+from parallel.choices import LinearSPMethod
 from parallel.ring_comm import COMM_STATS
 from parallel.sequence_parallel import SPGroups
 from parallel.sp_layout import SequenceLayout
-
-LINEAR_METHODS = ("lasp2", "lasp1")
-
 
 def _gather(x: torch.Tensor, group: dist.ProcessGroup, world: int, kind: str) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
@@ -116,11 +114,9 @@ class LocalLinearAttention:
 class SequenceParallelLinear:
     """Linear attention of this rank's contiguous slice, with the states of the ranks before it."""
 
-    def __init__(self, layout: SequenceLayout, groups: SPGroups, method: str = "lasp2", chunk: int = 256):
+    def __init__(self, layout: SequenceLayout, groups: SPGroups, method: LinearSPMethod = "lasp2", chunk: int = 256):
         if layout.zigzag or groups.ulysses_size > 1:
             raise ValueError("linear-attention SP needs the contiguous layout over a ring of ranks")
-        if method not in LINEAR_METHODS:
-            raise ValueError(f"unknown sp.linear_method '{method}' (choose from {', '.join(LINEAR_METHODS)})")
         self.groups, self.method, self.chunk = groups, method, chunk
         self.seg = local_starts(layout, groups.ring_rank, layout.device)
 

@@ -129,20 +129,3 @@ def incoming(q: torch.Tensor, state: torch.Tensor, log_decay: torch.Tensor, seg:
     into = torch.exp(log_decay.to(device=q.device, dtype=acc)[:, None] * (idx + 1)[None, :]) * seg.reach().to(acc)
     out = (_grouped(q.to(acc), hkv) * into[:, None, :, None]) @ state[:, None]
     return out.permute(2, 0, 1, 3).reshape(t, hq, state.shape[-1]).to(q.dtype)
-
-
-def serial_reference(q, k, v, log_decay, starts) -> torch.Tensor:
-    """The recurrence token by token (tests): S_t = λ S_{t−1} + k_tᵀ v_t, o_t = q_t S_t."""
-    t, hq, _ = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    lam = torch.exp(log_decay.to(torch.float64))
-    state = torch.zeros(hkv, k.shape[2], v.shape[2], dtype=torch.float64)
-    out = torch.zeros(t, hq, v.shape[2], dtype=torch.float64)
-    for i in range(t):
-        if starts[i]:
-            state = torch.zeros_like(state)
-        state = lam[:, None, None] * state + k[i].double()[:, :, None] * v[i].double()[:, None, :]
-        for h in range(hq):
-            out[i, h] = q[i, h].double() @ state[h // g]
-    return out

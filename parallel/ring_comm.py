@@ -22,10 +22,6 @@ def set_overlap(enabled: bool) -> None:
     _OVERLAP[0] = enabled
 
 
-def reset_comm_stats() -> None:
-    COMM_STATS.clear()
-
-
 @dataclass
 class Exchange:
     """The sends and receives of one hop; `start()` posts them all, `wait()` completes them."""

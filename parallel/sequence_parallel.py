@@ -18,7 +18,6 @@ from parallel.ring import RingContext, ring_attention
 from parallel.sp_layout import SequenceLayout
 from parallel.ulysses import heads_to_seq, ulysses_qkv
 
-METHODS = ("ring", "ring_bidir", "ulysses", "hybrid", "allgather")
 
 
 @dataclass
@@ -41,19 +40,6 @@ class SPGroups:
     @property
     def rank(self) -> int:
         return self.ring_rank * self.ulysses_size + self.ulysses_rank
-
-
-def split_degree(method: str, degree: int, ulysses: int) -> tuple[int, int]:
-    """(ring size R, Ulysses size U) of an SP group of `degree` ranks."""
-    if method not in METHODS:
-        raise ValueError(f"unknown sp.method '{method}' (choose from {', '.join(METHODS)})")
-    if method in ("ring", "ring_bidir", "allgather"):
-        return degree, 1
-    if method == "ulysses":
-        return 1, degree
-    if ulysses < 1 or degree % ulysses:
-        raise ValueError(f"sp.ulysses={ulysses} does not divide sp.degree={degree}")
-    return degree // ulysses, ulysses
 
 
 class SequenceParallelAttention:

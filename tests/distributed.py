@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from launch.distributed import free_port, init_distributed, shutdown_distributed
+from parallel.process_group import free_port, init_distributed, shutdown_distributed
 
 
 def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:

@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from parallel.adaptive import AdaptivePlanner, SequenceTooLong
-from parallel.planner.cost_model import PRESETS, CostModel, HardwareProfile
+from parallel.planner.adaptive import AdaptivePlanner, SequenceTooLong
+from parallel.planner.cost_model import CostModel
+from parallel.planner.hardware import PRESETS, HardwareProfile
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
 from tests.test_training import train_rank
-from trainer.cli import main
+from launch.cli import main
 from trainer.config import ModelConfig
 
-LLAMA_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336)
+LLAMA_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336).shape
+
+
+def brute_force(p: AdaptivePlanner, lengths: list[int]) -> float:
+    """The optimal makespan by enumeration: every multiset of group sizes, every assignment."""
+    best = math.inf
+    need = p.min_sizes(lengths)
+    multisets = [m for r in range(1, p.ranks + 1)
+                 for m in itertools.combinations_with_replacement(p.sizes, r) if sum(m) <= p.ranks]
+    for sizes in multisets:
+        for assign in itertools.product(range(len(sizes)), repeat=len(lengths)):
+            if any(sizes[g] < need[i] for i, g in enumerate(assign)):
+                continue
+            members = [[i for i, g in enumerate(assign) if g == gi] for gi in range(len(sizes))]
+            span = max((p.group_time(lengths, p.pack(lengths, m, s), s) for s, m in zip(sizes, members) if m),
+                       default=0.0)
+            best = min(best, span)
+    return best
 
 
 def planner(ranks=4, tokens_per_gpu=16384, milp=True, hw="H200", method="ring") -> AdaptivePlanner:
@@ -31,7 +51,7 @@ def test_solver_equals_brute_force(seed):
     lengths = np.clip(rng.lognormal(np.log(6000), 1.3, rng.integers(2, 6)), 64, 4 * tokens_per_gpu).astype(int).tolist()
     hw = "H200" if seed % 2 else "cpu"
     p = planner(tokens_per_gpu=tokens_per_gpu, hw=hw, method=["ring", "ulysses"][seed % 2])
-    best = p.brute_force(lengths)
+    best = brute_force(p, lengths)
     plan = p.solve(lengths)
     assert plan.predicted_s == pytest.approx(best, rel=1e-9), (lengths, plan.describe(), plan.solver)
     assert plan.lower_bound_s <= best * (1 + 1e-9)
@@ -57,13 +77,14 @@ def test_plans_cover_every_sequence_once_on_aligned_groups(ranks, n):
     assert plan.lower_bound_s <= plan.predicted_s
 
 
-def test_greedy_meets_the_time_budget():
+def test_greedy_alone_is_within_two_percent_of_its_lower_bound():
+    """The fallback the trainer meets its time budget with (its speed is measured in benchmarks/):
+    1,024 long-tailed sequences on 64 ranks, within 2% of the lower bound (seen: 1.2–1.5%)."""
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(3000), 1.5, 1024), 16, 131072).astype(int).tolist()
-    p = planner(64, milp=False)
-    p.greedy(lengths)  # warm caches
-    plan = p.solve(lengths)
-    assert plan.solver == "greedy" and plan.solve_s < 0.5  # the goal (≤ 50 ms) is measured in benchmarks/
+    plan = planner(64, milp=False).solve(lengths)
+    assert plan.solver == "greedy" and 0 <= plan.gap < 0.02
+    assert sorted(i for g in plan.groups for mb in g.microbatches for i in mb) == list(range(1024))
 
 
 def test_a_sequence_that_fits_no_group_names_its_length():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from trainer.cli import main
+from launch.cli import main
 from trainer.config import ConfigError, load_config
 
 DEMO = "configs/train/demo.yaml"
@@ -34,7 +34,6 @@ def test_overrides_replace_sections_and_values():
     (["model=nosuch"], "'model: nosuch' names no file"),
     (["optim"], "override 'optim' is not of the form key=value"),
     (["checkpoint.folder=nosuch://bucket/run"], "unknown storage protocol 'nosuch://'"),
-    (["checkpoint.folder=file:///tmp/x", "parallel.dp_engine=deepspeed"], "not a URL"),
     (["train.activation_checkpointing=most"], "train.activation_checkpointing must be true, false, auto or a block count"),
     (["model.attention_backend=flash_attn"], "unknown model.attention_backend 'flash_attn'"),
 ])
@@ -49,6 +48,7 @@ def test_bad_values_raise_one_line(override, message):
     (["data.path=/nonexistent/data"], "/nonexistent/data is not a prepared Loom dataset"),
     (["cluster.workers=3"], "train.global_microbatches=2 is not divisible by dp=3"),
     (["parallel.dp=4"], "layout dp=4 × pp=1 × tp=1 × sp=1 does not multiply to 2 workers"),
+    (["checkpoint.folder=file:///tmp/x", "parallel.dp_engine=deepspeed"], "not a URL"),
 ])
 def test_cli_train_rejects_bad_input_before_starting(override, message, capsys, small_dataset):
     t0 = time.time()

@@ -8,7 +8,7 @@ import torch
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
 from tests.test_training import train_rank
-from trainer.cli import main
+from launch.cli import main
 from trainer.config import load_config
 from trainer.export import load_model_state
 from trainer.checkpoint import complete_checkpoints

@@ -20,12 +20,12 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
-from tests.test_training import train_rank
+from tests.test_training import job_for, train_rank
 from trainer.checkpoint import complete_checkpoints, damage
 from trainer.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent
-LOOM = [sys.executable, "-m", "trainer.cli", "train", "configs/train/demo.yaml"]
+LOOM = [sys.executable, "-m", "launch.cli", "train", "configs/train/demo.yaml"]
 
 
 def final_checkpoint(run: Path) -> Path:
@@ -115,10 +115,9 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(small_dataset, tmp_pa
 
 
 def hang_rank(rank: int, world: int, overrides: list[str]) -> str:
-    from trainer.config import load_config
     from trainer.loop import Trainer
 
-    trainer = Trainer(load_config(None, overrides + [f"cluster.workers={world}"]))
+    trainer = Trainer(job_for(overrides, world))
 
     def stall(step: int) -> None:
         if rank == 1 and step == 2:
@@ -136,7 +135,7 @@ def test_a_hung_collective_ends_in_a_timeout_naming_rank_and_operation(small_dat
     ov = tiny_overrides(small_dataset, tmp_path) + ["train.max_steps=5", "cluster.timeout_s=5", "checkpoint.every=100"]
     t0 = time.time()
     first, _ = run_ranks(hang_rank, 2, ov)
-    assert first == ("CollectiveTimeout: rank 0: all_reduce (called from loop.py:static_work) timed out after 5 s "
+    assert first == ("CollectiveTimeout: rank 0: all_reduce (called from work.py:count_labels) timed out after 5 s "
                      "during step 3; another rank never joined it")
     assert time.time() - t0 < 60
 

@@ -13,7 +13,7 @@ import psutil
 
 from tests.conftest import tiny_overrides
 
-LOOM = [sys.executable, "-m", "trainer.cli", "train", "configs/train/demo.yaml"]
+LOOM = [sys.executable, "-m", "launch.cli", "train", "configs/train/demo.yaml"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

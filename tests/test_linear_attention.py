@@ -14,6 +14,23 @@ from tests.distributed import run_ranks
 from tests.test_training import train_rank
 
 
+def serial_reference(q, k, v, log_decay, starts) -> torch.Tensor:
+    """The recurrence token by token: S_t = λ S_{t−1} + k_tᵀ v_t, o_t = q_t S_t."""
+    t, hq, _ = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    lam = torch.exp(log_decay.to(torch.float64))
+    state = torch.zeros(hkv, k.shape[2], v.shape[2], dtype=torch.float64)
+    out = torch.zeros(t, hq, v.shape[2], dtype=torch.float64)
+    for i in range(t):
+        if starts[i]:
+            state = torch.zeros_like(state)
+        state = lam[:, None, None] * state + k[i].double()[:, :, None] * v[i].double()[:, None, :]
+        for h in range(hq):
+            out[i, h] = q[i, h].double() @ state[h // g]
+    return out
+
+
 def case(lengths, hq=4, hkv=2, dk=6, dv=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = sum(lengths)
@@ -39,7 +56,7 @@ def test_chunkwise_kernel_equals_the_recurrence(decay, lengths, hkv, chunk):
     q, k, v, dout, starts = case(lengths, hkv=hkv)
     log_decay = la.decay_rates(hkv, decay).double() * 6  # stronger decay than the model's, to test it
     got = grads(lambda a, b, c: la.local(a, b, c, log_decay, la.Segments(starts), chunk), (q, k, v), dout)
-    want = grads(lambda a, b, c: la.serial_reference(a, b, c, log_decay, starts), (q, k, v), dout)
+    want = grads(lambda a, b, c: serial_reference(a, b, c, log_decay, starts), (q, k, v), dout)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
@@ -48,10 +65,11 @@ def lasp_rank(rank: int, world: int, cases: list) -> list[float]:
     from parallel.attention import LocalAttention, select_backend
     from parallel.allgather_attention import AllGatherAttention
     from parallel.lasp import SequenceParallelLinear
+    from parallel.layout import Layout
     from parallel.mesh import ParallelDims
     from parallel.sequence_parallel import make_layout
 
-    groups = ParallelDims(dp=1, ring=world).build(torch.device("cpu")).sp_groups()
+    groups = ParallelDims(Layout(dp=1, ring=world), torch.device("cpu")).sp_groups()
     errors = []
     for lengths, decay, method in cases:
         q, k, v, dout, starts = case(lengths, seed=len(errors))
@@ -65,7 +83,7 @@ def lasp_rank(rank: int, world: int, cases: list) -> list[float]:
             got = grads(AllGatherAttention(layout, groups, select_backend("math", "cpu")),
                         (q[idx], k[idx], v[idx]), dout[idx])
         else:
-            want = grads(lambda a, b, c: la.serial_reference(a, b, c, log_decay, starts), (q, k, v), dout)
+            want = grads(lambda a, b, c: serial_reference(a, b, c, log_decay, starts), (q, k, v), dout)
             mixer = SequenceParallelLinear(layout, groups, method, chunk=4)
             got = grads(lambda a, b, c: mixer(a, b, c, log_decay), (q[idx], k[idx], v[idx]), dout[idx])
         errors.append(max(((a - b[idx]).abs().max().item() if a.numel() else 0.0) for a, b in zip(got, want)))
@@ -87,18 +105,19 @@ def test_lasp_equals_the_recurrence(world):
 
 def bytes_rank(rank: int, world: int) -> dict:
     from parallel.lasp import SequenceParallelLinear
+    from parallel.layout import Layout
     from parallel.mesh import ParallelDims
-    from parallel.ring_comm import COMM_STATS, reset_comm_stats
+    from parallel.ring_comm import COMM_STATS
     from parallel.sequence_parallel import make_layout
 
-    groups = ParallelDims(dp=1, ring=world).build(torch.device("cpu")).sp_groups()
+    groups = ParallelDims(Layout(dp=1, ring=world), torch.device("cpu")).sp_groups()
     out = {}
     for method in ("lasp2", "lasp1"):
         for length in (64, 1024):
             q, k, v, dout, _ = case([length], hq=4, hkv=2, dk=8, dv=8)
             layout = make_layout([length], groups, zigzag=False)
             idx = torch.from_numpy(layout.indices(groups.rank))
-            reset_comm_stats()
+            COMM_STATS.clear()
             ins = [x[idx].float().requires_grad_() for x in (q, k, v)]
             SequenceParallelLinear(layout, groups, method)(*ins, la.decay_rates(2, True)).sum().backward()
             out[(method, length)] = dict(COMM_STATS)

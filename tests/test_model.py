@@ -40,8 +40,8 @@ def test_packed_batch_equals_documents_alone(backend):
 
 
 def test_chunked_loss_equals_the_full_cross_entropy():
-    """The loss computed 7 tokens at a time (logits recomputed in backward) equals cross-entropy on
-    the full logits, values and gradients (fp64, 1e-12)."""
+    """The loss computed 7 tokens at a time (each chunk's gradient formed in the forward pass) equals
+    cross-entropy on the full logits, values and gradients (fp64, 1e-12)."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
@@ -70,14 +70,14 @@ def test_compiled_and_selectively_checkpointed_model_equals_eager():
     give eager's loss and gradients (fp32, 1e-5 relative: fused kernels reorder the sums)."""
     import copy
 
-    from parallel.data_parallel import apply_activation_checkpointing, checkpointed_blocks
     from trainer.compiled import compile_elementwise
+    from trainer.parallelize import apply_activation_checkpointing, recomputed_block_ids
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2)
     eager = Transformer(cfg)
     fast = copy.deepcopy(eager)
-    blocks = checkpointed_blocks(2, cfg.n_layers)
+    blocks = recomputed_block_ids(2, cfg.n_layers)
     assert blocks == {0, 1}
     apply_activation_checkpointing(fast, blocks)
     compile_elementwise(fast)

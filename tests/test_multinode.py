@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.distributed import free_port
+from parallel.process_group import free_port
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def two_node_cluster(tmp_path_factory):
 
 
 def loom(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainer.cli", *args], cwd=ROOT, env=ray_env(),
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env=ray_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

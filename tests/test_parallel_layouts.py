@@ -12,7 +12,7 @@ import torch
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
 from tests.test_training import train_rank
-from trainer.cli import main
+from launch.cli import main
 
 LAYOUTS = {
     2: {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "sp2": ["parallel.sp.degree=2"]},
@@ -98,8 +98,8 @@ def test_deepspeed_zero_stages_equal_one_process(small_dataset, tmp_path, monkey
 
 
 def test_deepspeed_settings_of_the_user_are_kept():
-    from parallel.deepspeed_engine import ds_config
     from trainer.config import load_config
+    from trainer.engine import ds_config
 
     cfg = load_config("configs/train/demo.yaml", ["parallel.dp_engine=deepspeed", "parallel.zero_stage=3",
                                                   "parallel.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}}}",

@@ -7,20 +7,20 @@ import dataclasses
 import numpy as np
 import pytest
 
-from parallel.planner.cost_model import PRESETS
-from parallel.planner.plan import run_plan
+from launch.cli import main
+from parallel.planner.hardware import PRESETS
 from parallel.planner.search import Cluster, Histogram, PlanSearch
-from trainer.cli import main
 from trainer.config import ModelConfig, load_config
+from trainer.plan import run_plan
 
-LLAMA_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336)
+LLAMA_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336).shape
 RNG = np.random.default_rng(0)
 LONG_TAIL = Histogram.from_lengths(np.clip(RNG.lognormal(np.log(4000), 1.6, 3000), 16, 10**6).astype(int), 131072)
 
 
 def search(memory_gb=139.0, gpus=16, per_node=8, hist=LONG_TAIL, tokens=4 * 131072, hw=None):
     hw = dataclasses.replace(hw or PRESETS["H200"], gpu_memory_gb=memory_gb, gpus_per_node=per_node)
-    return PlanSearch(LLAMA_8B, Cluster(gpus // per_node, per_node, hw), hist, tokens)
+    return PlanSearch(LLAMA_8B, Cluster(gpus // per_node, hw), hist, tokens)
 
 
 BUDGETS = [131072 * k for k in (1, 2, 4)]
@@ -58,8 +58,8 @@ def test_known_optimum_short_documents_plain_data_parallel():
     s = search(gpus=8, hist=hist, tokens=8 * 16 * 4096, memory_gb=1000.0)
     found = s.run([4096 * k for k in (1, 2, 4, 8, 16)])
     best = next(c for c in found if c.feasible)
-    assert (best.dp, best.tp, best.pp, best.sp, best.mode, best.budget, best.checkpointing) == \
-        (8, 1, 1, 1, "static", 16 * 4096, False)
+    assert (best.dp, best.tp, best.pp, best.sp, best.mode, best.budget, best.recomputed) == \
+        (8, 1, 1, 1, "static", 16 * 4096, 0)
 
 
 def test_known_optimum_memory_forces_sequence_parallelism():
@@ -86,13 +86,20 @@ def test_plan_writes_a_config_loom_train_accepts(tmp_path, small_dataset):
     assert len((out / "candidates.jsonl").read_text().splitlines()) > 100
 
 
-def test_plan_from_a_stats_file(tmp_path, small_dataset, capsys):
+def test_plan_from_a_stats_file_equals_the_plan_from_the_dataset(tmp_path, small_dataset, capsys):
+    """stats.json keeps only a histogram (each bucket's mean length): the layout chosen is the same as
+    from every length, its predicted step time within 5%."""
     assert main(["stats", str(small_dataset), "--json"]) == 0
-    capsys.readouterr()
-    code = main(["plan", "configs/train/llama-8b-long.yaml", str(small_dataset / "stats.json"),
-                 f"data.path={small_dataset}", "--out", str(tmp_path / "p")])
-    assert code == 0 and (tmp_path / "p" / "plan.yaml").exists()
-    assert "layouts, fastest first" in capsys.readouterr().out
+    plans = {}
+    for name, source in (("stats", small_dataset / "stats.json"), ("data", small_dataset)):
+        code = main(["plan", "configs/train/llama-8b-long.yaml", str(source), f"data.path={small_dataset}",
+                     "--out", str(tmp_path / name)])
+        assert code == 0 and "layouts, fastest first" in capsys.readouterr().out
+        plans[name] = (load_config(tmp_path / name / "plan.yaml"), (tmp_path / name / "plan.yaml").read_text())
+    (from_stats, text_stats), (from_data, text_data) = plans["stats"], plans["data"]
+    assert from_stats.parallel == from_data.parallel and from_stats.data == from_data.data
+    predicted = [float(text.split("predicted ")[1].split(" s/step")[0]) for text in (text_stats, text_data)]
+    assert predicted[0] == pytest.approx(predicted[1], rel=0.05)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -110,22 +117,22 @@ def test_invalid_cluster_specs_get_one_clear_line(override, message, capsys, sma
 
 def test_each_layout_recomputes_the_fewest_blocks_that_fit():
     """Selective checkpointing: a feasible layout fits with its block count and would not with one
-    block fewer; the trainer's `auto` (CostModel.blocks_to_checkpoint) obeys the same rule."""
+    block fewer; the trainer's `auto` (CostModel.blocks_to_recompute) obeys the same rule."""
     from dataclasses import replace
 
     from parallel.planner.cost_model import CostModel
 
     s = search(memory_gb=80.0)
     found = s.run(BUDGETS, adaptive=False)
-    partial = [c for c in found if c.feasible and 0 < c.checkpointing < 1]
+    partial = [c for c in found if c.feasible and 0 < c.recomputed < 1]
     assert partial, "no layout needed only some of its blocks recomputed"
     for c in found:
-        if c.feasible and c.checkpointing > 0:
-            assert s.memory_gb(replace(c, checkpointing=c.checkpointing - 1 / LLAMA_8B.n_layers)) > 80.0
+        if c.feasible and c.recomputed > 0:
+            assert s.memory_gb(replace(c, recomputed=c.recomputed - 1 / LLAMA_8B.n_layers)) > 80.0
     cost = CostModel(LLAMA_8B, replace(PRESETS["H100"], gpu_memory_gb=80.0), loss_chunk=8192)
-    counts = [cost.blocks_to_checkpoint(tokens, shard=8) for tokens in (4096, 16384, 32768, 65536)]
+    counts = [cost.blocks_to_recompute(tokens, shard=8) for tokens in (4096, 16384, 32768, 65536)]
     assert counts == sorted(counts) and counts[0] == 0 and 0 < counts[-1]
     for tokens, k in zip((4096, 16384, 32768, 65536), counts):
-        fits = lambda blocks: (replace(cost, activation_checkpointing=blocks / 32).activation_bytes(tokens)  # noqa: E731
+        fits = lambda blocks: (replace(cost, recomputed=blocks / 32).activation_bytes(tokens)  # noqa: E731
                                <= cost.free_bytes(8))
         assert (k == 32 or fits(k)) and (k == 0 or not fits(k - 1))

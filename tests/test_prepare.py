@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer import prepare as prepare_module
-from trainer.cli import main
+from launch.cli import main
 from trainer.dataset import TokenDataset
 from trainer.prepare import PrepareError, SourceOptions, prepare
 from trainer.stats import dataset_stats, read_lengths

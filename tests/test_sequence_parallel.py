@@ -33,12 +33,13 @@ def doc_cases(d: int) -> dict[str, list[int]]:
 
 def attention_errors(rank: int, world: int, method: str) -> dict:
     from parallel.attention import LocalAttention, select_backend
+    from parallel.layout import Layout, ring_and_ulysses
     from parallel.mesh import ParallelDims
-    from parallel.sequence_parallel import SequenceParallelAttention, make_layout, split_degree
+    from parallel.sequence_parallel import SequenceParallelAttention, make_layout
 
     ulysses = 2 if world == 4 else world
-    ring, ulysses = split_degree(method, world, ulysses)
-    groups = ParallelDims(dp=1, ring=ring, ulysses=ulysses, sp_method=method).build(torch.device("cpu")).sp_groups()
+    ring, ulysses = ring_and_ulysses(method, world, ulysses)
+    groups = ParallelDims(Layout(dp=1, ring=ring, ulysses=ulysses, sp_method=method), torch.device("cpu")).sp_groups()
     math = select_backend("math", "cpu")
     kv_options = [HEADS, 1, world if method != "ring" else 2]
     errors = {}
@@ -139,19 +140,20 @@ def test_window_schedule_stops_early():
 
 def comm_counts(rank: int, world: int) -> dict:
     from parallel.attention import select_backend
+    from parallel.layout import Layout
     from parallel.mesh import ParallelDims
-    from parallel.ring_comm import COMM_STATS, reset_comm_stats
+    from parallel.ring_comm import COMM_STATS
     from parallel.sequence_parallel import SequenceParallelAttention, make_layout
 
     out = {}
     for method in ("ring", "ring_bidir"):
-        groups = ParallelDims(dp=1, ring=world, sp_method=method).build(torch.device("cpu")).sp_groups()
+        groups = ParallelDims(Layout(dp=1, ring=world, sp_method=method), torch.device("cpu")).sp_groups()
         for hkv, window in [(HEADS, 0), (2, 0), (2, 16)]:
             layout = make_layout([64 * world], groups, window=window)
             idx = torch.from_numpy(layout.indices(groups.rank))
             q = torch.randn(len(idx), HEADS, HEAD_DIM, requires_grad=True)
             k, v = (torch.randn(len(idx), hkv, HEAD_DIM, requires_grad=True) for _ in range(2))
-            reset_comm_stats()
+            COMM_STATS.clear()
             attn = SequenceParallelAttention(layout, groups, select_backend("cpu_flash", "cpu"))(q, k, v)
             forward = dict(COMM_STATS)
             attn.sum().backward()

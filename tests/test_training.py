@@ -12,23 +12,31 @@ from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
 
 
+def job_for(overrides: list[str], world: int):
+    """The resolved job of a config on `world` workers of this process's device."""
+    from trainer.config import load_config
+    from trainer.job import Target, resolve
+
+    return resolve(load_config(None, overrides + [f"cluster.workers={world}"]), Target.this_process())
+
+
 def train_rank(rank: int, world: int, overrides: list[str], kill_rank0_after: int = 0):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from trainer.config import load_config
+    from trainer.engine import FSDPEngine
     from trainer.loop import Trainer
 
-    cfg = load_config(None, overrides + [f"cluster.workers={world}"])
-    trainer = Trainer(cfg)
+    trainer = Trainer(job_for(overrides, world))
 
     def on_step(step: int) -> None:
         if rank == 0 and step == kill_rank0_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
     result = trainer.fit(on_step)
-    if trainer.engine is not None or trainer.pipeline is not None:  # compared by their losses
+    if not isinstance(trainer.engine, FSDPEngine) or trainer.dims.layout.pp > 1:  # compared by their losses
         return result, None
-    params = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    params = get_model_state_dict(trainer.engine.model,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return result, params if rank == 0 else None
 
 

@@ -34,7 +34,3 @@ def compile_elementwise(model: nn.Module) -> None:
     if getattr(model, "output", None) is not None:  # the last stage: final norm and the loss
         model.norm.compile(dynamic=None)
         model.logit_grads = torch.compile(model.logit_grads, dynamic=None)
-
-
-def should_compile(setting: bool | str, device: torch.device) -> bool:
-    return device.type == "cuda" if setting == "auto" else bool(setting)

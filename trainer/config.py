@@ -3,21 +3,28 @@
 A train config is one YAML file. A section may be written inline or as the path of another
 YAML file holding that section (resolved relative to the file that names it, then to the
 repository's `configs/<section>/` folder), so `model: small` and `model: ../model/small.yaml`
-both work. Every mistake a user can make in a config is reported as one `ConfigError` line
-before any worker starts.
+both work. Every choice is a `Literal` type, so its options are listed in one place. This module
+checks each value on its own; the rules that tie values together (layouts, devices, the
+dataset) are the resolved job's (`trainer.job`). Every mistake is one `ConfigError` line before
+any worker starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from parallel.choices import (AttentionBackendName, FeatureMap, LinearSPMethod, PipelineSchedule, SPMethod, SPMode,
+                              options)
+from parallel.planner.shape import ModelShape
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
@@ -39,9 +46,9 @@ class ModelConfig:
     window: int = 0  # sliding-window attention span in tokens; 0 = full causal
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attention_backend: str = "auto"  # auto | math | cpu_flash | flash | cudnn
+    attention_backend: Literal["auto"] | AttentionBackendName = "auto"  # auto: the fastest on the workers' device
     layer_pattern: str = ""  # S = softmax, L = linear attention, repeated over the layers; "" = all S
-    linear_feature_map: str = "elu"  # identity | elu (elu + 1) | relu | silu
+    linear_feature_map: FeatureMap = "elu"  # φ of linear attention's q and k (elu: elu + 1)
     linear_decay: bool = True  # per-head decay (RetNet); false: plain linear attention
     linear_chunk: int = 256  # chunk length of the chunkwise linear-attention computation
 
@@ -64,6 +71,13 @@ class ModelConfig:
     @property
     def hidden_dim(self) -> int:
         return self.ffn_dim or -(-8 * self.dim // 3 // 64) * 64
+
+    @property
+    def shape(self) -> ModelShape:
+        """The model as the cost model sees it."""
+        return ModelShape(vocab_size=self.vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                          n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, hidden_dim=self.hidden_dim,
+                          softmax_layers=self.softmax_layers, window=self.window, tie_embeddings=self.tie_embeddings)
 
 
 @dataclass
@@ -95,12 +109,12 @@ class TrainConfig:
     run_steps: int = 0  # stop this invocation after so many steps (0: run to max_steps)
     seed: int = 0
     log_every: int = 10
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     # recompute blocks' activations in backward: false | true (every block) | N (N blocks, evenly spaced)
     # | auto (the fewest blocks that let a micro-batch fit the GPU, by the cost model's memory estimate)
     activation_checkpointing: bool | int | str = False
-    compile: bool | str = "auto"  # torch.compile RMSNorm, SwiGLU and the q/k/v projections with RoPE; auto: on CUDA
-    loss_chunk: int = 0  # > 0: cross-entropy over this many tokens at a time, logits recomputed (not with tp or pp)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile RMSNorm, SwiGLU and the q/k/v projections with RoPE; auto: on CUDA
+    loss_chunk: int = 0  # > 0: cross-entropy this many tokens at a time, gradients formed in forward (not with tp, pp)
 
 
 @dataclass
@@ -114,10 +128,10 @@ class CheckpointConfig:
 @dataclass
 class SequenceParallelConfig:
     degree: int = 1
-    method: str = "ring"  # softmax layers: ring | ring_bidir | ulysses | hybrid | allgather (LASP-2H)
-    linear_method: str = "lasp2"  # linear-attention layers: lasp2 | lasp1
+    method: SPMethod = "ring"  # softmax layers (allgather: LASP-2H, hybrid models)
+    linear_method: LinearSPMethod = "lasp2"  # linear-attention layers
     ulysses: int = 0  # hybrid only: Ulysses ranks inside each ring rank; 0 = the largest that fits the heads
-    mode: str = "static"  # static | adaptive (degree = the largest group; every step regroups all ranks)
+    mode: SPMode = "static"  # adaptive: degree = the largest group; every step regroups all ranks
     tokens_per_gpu: int = 0  # adaptive: activation budget per rank; 0 = from the cost model's memory estimate
     solver_time_s: float = 1.0  # adaptive: time cap of the MILP that polishes the greedy plan; 0 = greedy only
 
@@ -127,10 +141,10 @@ class ParallelConfig:
     dp: int = -1  # -1: every worker not used by tp/pp/sp
     tp: int = 1
     pp: int = 1
-    pp_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b
+    pp_schedule: PipelineSchedule = "1f1b"
     pp_virtual: int = 1  # stages per pipeline rank (interleaved_1f1b: ≥ 2)
-    dp_engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO; data parallelism only)
-    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    dp_engine: Literal["fsdp2", "deepspeed"] = "fsdp2"  # deepspeed: ZeRO, data parallelism only
+    zero_stage: Literal[1, 2, 3] = 2  # deepspeed's ZeRO stage
     deepspeed: dict[str, Any] = field(default_factory=dict)  # deepspeed: settings merged over Loom's (offload …)
     sp: SequenceParallelConfig = field(default_factory=SequenceParallelConfig)
 
@@ -138,7 +152,7 @@ class ParallelConfig:
 @dataclass
 class ClusterConfig:
     workers: int = 2
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when there is one per worker
     cpus_per_worker: int = 1
     address: str = ""  # empty: an embedded local Ray cluster
     timeout_s: int = 300  # collective timeout; a hung collective fails after this
@@ -180,88 +194,72 @@ class JobConfig:
         validate(self)
 
 
-ATTENTION_BACKENDS = ("auto", "math", "cpu_flash", "flash", "cudnn")
-
-
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
 def validate(cfg: JobConfig) -> None:
-    """Checks values that no type check catches; raises ConfigError with one line."""
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    for name, value in [("model.dim", m.dim), ("model.n_layers", m.n_layers),
-                        ("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads),
-                        ("model.vocab_size", m.vocab_size), ("data.context_len", d.context_len),
-                        ("data.tokens_per_microbatch", d.tokens_per_microbatch),
-                        ("train.max_steps", t.max_steps),
-                        ("train.global_microbatches", t.global_microbatches),
-                        ("cluster.workers", cfg.cluster.workers),
-                        ("cluster.timeout_s", cfg.cluster.timeout_s)]:
+    """Checks each value on its own (types are checked while loading); raises ConfigError with one line."""
+    m, d, o, t, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.cluster
+    for name, value in [("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
+                        ("model.n_kv_heads", m.n_kv_heads), ("model.vocab_size", m.vocab_size),
+                        ("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
+                        ("model.linear_chunk", m.linear_chunk), ("data.context_len", d.context_len),
+                        ("data.tokens_per_microbatch", d.tokens_per_microbatch), ("optim.lr", o.lr),
+                        ("optim.eps", o.eps), ("train.max_steps", t.max_steps),
+                        ("train.global_microbatches", t.global_microbatches), ("train.log_every", t.log_every),
+                        ("checkpoint.every", cfg.checkpoint.every), ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                        ("cluster.workers", c.workers), ("cluster.cpus_per_worker", c.cpus_per_worker),
+                        ("cluster.timeout_s", c.timeout_s), ("cluster.nodes", c.nodes),
+                        ("parallel.pp_virtual", cfg.parallel.pp_virtual)]:
         _require(value > 0, f"{name} must be positive, got {value}")
+    for name, value in [("model.ffn_dim", m.ffn_dim), ("model.window", m.window), ("model.init_std", m.init_std),
+                        ("data.seed", d.seed), ("data.prefetch", d.prefetch), ("optim.weight_decay", o.weight_decay),
+                        ("optim.grad_clip", o.grad_clip), ("optim.warmup_steps", o.warmup_steps),
+                        ("train.run_steps", t.run_steps), ("train.seed", t.seed), ("train.loss_chunk", t.loss_chunk),
+                        ("parallel.sp.ulysses", cfg.parallel.sp.ulysses),
+                        ("parallel.sp.tokens_per_gpu", cfg.parallel.sp.tokens_per_gpu),
+                        ("parallel.sp.solver_time_s", cfg.parallel.sp.solver_time_s),
+                        ("cluster.max_failures", c.max_failures), ("cluster.peak_tflops", c.peak_tflops),
+                        ("cluster.gpu_memory_gb", c.gpu_memory_gb), ("cluster.intra_node_gbps", c.intra_node_gbps),
+                        ("cluster.inter_node_gbps", c.inter_node_gbps)]:
+        _require(value >= 0, f"{name} must be >= 0, got {value}")
+    for name, value in _numbers(cfg):
+        _require(math.isfinite(value), f"{name} must be a finite number, got {value}")
     _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
     _require(m.head_dim % 2 == 0, f"head dim {m.head_dim} must be even for rotary embeddings")
     _require(m.n_heads % m.n_kv_heads == 0,
              f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
-    _require(m.window >= 0, f"model.window must be >= 0, got {m.window}")
-    _require(m.attention_backend in ATTENTION_BACKENDS,
-             f"unknown model.attention_backend '{m.attention_backend}' (choose from {', '.join(ATTENTION_BACKENDS)})")
-    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    _require(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
-    _require(0 <= o.warmup_steps, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _require(set(m.layer_pattern) <= {"S", "L"}, f"model.layer_pattern may hold only S and L, got '{m.layer_pattern}'")
+    _require(o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.min_lr_ratio >= 0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     _require(0 < o.beta1 < 1 and 0 < o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in (0, 1)")
     _require(d.tokens_per_microbatch >= d.context_len,
              f"data.tokens_per_microbatch={d.tokens_per_microbatch} is smaller than data.context_len={d.context_len}")
     _require(all(b > 0 for b in d.bucket_edges) and d.bucket_edges == sorted(set(d.bucket_edges)),
              "data.bucket_edges must be increasing positive integers")
-    _require(t.run_steps >= 0, f"train.run_steps must be >= 0, got {t.run_steps}")
-    _require(t.precision in ("auto", "fp32", "bf16"), f"unknown train.precision '{t.precision}'")
-    _require(t.loss_chunk >= 0, f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
     ac = t.activation_checkpointing
     _require(isinstance(ac, bool) or ac == "auto" or (isinstance(ac, int) and 0 <= ac <= m.n_layers),
              f"train.activation_checkpointing must be true, false, auto or a block count 0..{m.n_layers}, got {ac!r}")
-    _require(isinstance(t.compile, bool) or t.compile == "auto",
-             f"train.compile must be true, false or auto, got {t.compile!r}")
-    _require(cfg.checkpoint.every > 0, f"checkpoint.every must be positive, got {cfg.checkpoint.every}")
-    _require(cfg.checkpoint.keep_last > 0, f"checkpoint.keep_last must be positive, got {cfg.checkpoint.keep_last}")
-    _require(not ("://" in cfg.checkpoint.folder and cfg.parallel.dp_engine == "deepspeed"),
-             "parallel.dp_engine=deepspeed saves its checkpoints to a local or shared path, not a URL")
     if "://" in cfg.checkpoint.folder:
         _check_url(cfg.checkpoint.folder)
-    _require(cfg.cluster.device in ("auto", "cpu", "cuda"), f"unknown cluster.device '{cfg.cluster.device}'")
-    _require(cfg.cluster.max_failures >= 0, "cluster.max_failures must be >= 0")
-    c = cfg.cluster
-    _require(c.nodes > 0, f"cluster.nodes must be positive, got {c.nodes}")
     _require(c.workers % c.nodes == 0, f"cluster.workers={c.workers} is not divisible by cluster.nodes={c.nodes}")
-    for name in ("gpu_memory_gb", "intra_node_gbps", "inter_node_gbps"):
-        _require(getattr(c, name) >= 0, f"cluster.{name} must be >= 0, got {getattr(c, name)}")
-    p = cfg.parallel
-    _require(p.sp.method in ("ring", "ring_bidir", "ulysses", "hybrid", "allgather"),
-             f"unknown parallel.sp.method '{p.sp.method}'")
-    _require(p.sp.linear_method in ("lasp2", "lasp1"), f"unknown parallel.sp.linear_method '{p.sp.linear_method}'")
-    _require(p.pp_schedule in ("1f1b", "interleaved_1f1b"), f"unknown parallel.pp_schedule '{p.pp_schedule}'")
-    _require(p.dp_engine in ("fsdp2", "deepspeed"), f"unknown parallel.dp_engine '{p.dp_engine}'")
-    _require(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3, got {p.zero_stage}")
-    _require(p.dp_engine == "fsdp2" or (p.tp == p.pp == p.sp.degree == 1),
-             "parallel.dp_engine=deepspeed runs data parallelism only (tp = pp = sp.degree = 1)")
-    _require(p.pp_virtual >= 1, f"parallel.pp_virtual must be >= 1, got {p.pp_virtual}")
-    _require(p.pp_schedule == "1f1b" or p.pp_virtual >= 2,
-             "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual >= 2 stages per rank")
-    _require(set(m.layer_pattern) <= {"S", "L"}, f"model.layer_pattern may hold only S and L, got '{m.layer_pattern}'")
-    _require(m.linear_feature_map in ("identity", "elu", "relu", "silu"),
-             f"unknown model.linear_feature_map '{m.linear_feature_map}'")
-    _require(m.linear_chunk > 0, f"model.linear_chunk must be positive, got {m.linear_chunk}")
-    if m.has_linear and p.sp.degree > 1:
-        _require(p.sp.method in ("ring", "ring_bidir", "allgather"),
-                 f"models with linear-attention layers use sp.method ring, ring_bidir or allgather, not {p.sp.method}")
-        _require(p.sp.mode == "static", "adaptive SP of models with linear-attention layers is not supported")
-        _require(not m.window, "sliding windows in models with linear-attention layers are not supported")
-    _require(p.sp.mode in ("static", "adaptive"), f"unknown parallel.sp.mode '{p.sp.mode}'")
     _require(d.path != "", "data.path is not set (prepare a dataset with `loom prepare SRC OUT`)")
-    _require(cfg.name != "" and "/" not in cfg.name, f"name must be a plain folder name, got '{cfg.name}'")
+    _require(cfg.name not in ("", ".", "..") and "/" not in cfg.name,
+             f"name must be a plain folder name, got '{cfg.name}'")
+
+
+def _numbers(section: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float of a config, by its dotted key."""
+    out = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            out.append((prefix + f.name, value))
+    return out
 
 
 def _check_url(url: str) -> None:
@@ -284,9 +282,26 @@ def _section_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _literal_values(hint: Any) -> tuple:
+    """The values of a Literal type or a union of Literal types; () for any other type."""
+    if typing.get_origin(hint) is Literal:
+        return options(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_literal_values(h) for h in typing.get_args(hint)]
+        if all(parts):
+            return tuple(v for part in parts for v in part)
+    return ()
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Converts a YAML value to the field's annotated type, or raises ConfigError."""
     origin = typing.get_origin(hint)
+    choices = _literal_values(hint)
+    if choices:
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        listed = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"unknown {key} '{value}' (choose from {listed})")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping, got {value!r}")

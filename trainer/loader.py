@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from trainer.dataset import TokenDataset
+from trainer.loss import IGNORE
 from trainer.sampler import PackedSampler, Piece
-
-IGNORE = -100
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.loader import IGNORE
+IGNORE = -100  # the label of a token that has none (a document's last token, padding)
 
 LogitGrads = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -1,4 +1,4 @@
-"""Step metrics: FLOPs and MFU, memory, the run's metrics.jsonl, TensorBoard and the loss plot.
+"""Step metrics: memory, the run's metrics.jsonl, TensorBoard, console lines and the loss plot.
 
 metrics.jsonl holds one JSON object per step (`step`, `loss`, `tokens`, `tokens_per_s`, `mfu`,
 `peak_mem_gb`, `data_wait_frac`, `lr`, `grad_norm`, `step_time_s`). On resume the lines after
@@ -14,42 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from trainer.config import ModelConfig
-
-# Dense bf16 peak per device (TFLOP/s) for MFU, by a substring of the device name.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-
-
-def peak_tflops(device: torch.device, configured: float) -> float | None:
-    if configured > 0:
-        return configured
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def training_flops(cfg: ModelConfig, doc_lengths: list[int]) -> float:
-    """Model FLOPs of forward + backward for documents of these lengths (causal, no recompute).
-
-    Matmuls: 6 · (non-embedding parameters + output layer) per token. Attention scores and
-    values: 2 matmuls × 2 FLOPs × head_dim × heads per visible (query, key) pair, ×3 for backward;
-    a causal document of length L has L(L+1)/2 visible pairs (fewer under a sliding window).
-    """
-    d, hd = cfg.dim, cfg.head_dim
-    per_layer = d * (cfg.n_heads * hd) * 2 + d * (cfg.n_kv_heads * hd) * 2 + 3 * d * cfg.hidden_dim
-    dense = cfg.n_layers * per_layer + d * cfg.vocab_size
-    tokens = sum(doc_lengths)
-    pairs = 0
-    for length in doc_lengths:
-        if cfg.window and cfg.window < length:
-            w = cfg.window
-            pairs += w * (w + 1) // 2 + (length - w) * w
-        else:
-            pairs += length * (length + 1) // 2
-    attention = 3 * 4 * cfg.n_heads * hd * cfg.softmax_layers * pairs
-    return 6.0 * dense * tokens + attention
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -165,8 +165,5 @@ class Transformer(nn.Module):
         return linear_cross_entropy(h, self.output.weight, labels, loss_chunk or h.shape[0], self.logit_grads)
 
 
-def num_params(model: nn.Module, exclude_embedding: bool = False) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if exclude_embedding:
-        total -= model.tok_embeddings.weight.numel()
-    return total
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -5,8 +5,9 @@ before a kernel that handles it); out [Tq, Hq, D] in q's dtype; lse [Hq, Tq] in 
 fp64 inputs), −inf on rows that see no key (their output is 0). q and k are the rows the mask
 describes (a caller applies `BlockMask.q_rows` / `k_rows` before the call).
 
-Backends, fastest first: cuDNN, flash-attn (package), torch's flash op, the CPU flash op, math.
-`select_backend` picks one for the device at start-up; a config may force one.
+Backends, fastest first: cuDNN, torch's flash op, the CPU flash op, math. The resolved job names
+one (`model.attention_backend`, auto: the fastest on the workers' device); `select_backend`
+builds it on each worker.
 """
 
 from __future__ import annotations
@@ -210,11 +211,9 @@ BACKENDS: dict[str, type[AttentionBackend]] = {
 
 
 def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """The backend to use on `device`: the named one, or for 'auto' the fastest that runs there."""
+    """The named backend, checked to run on `device` (`parallel.choices.fastest_backend` names the
+    one `auto` stands for)."""
     device = torch.device(device)
-    if name == "auto":
-        name = "cudnn" if device.type == "cuda" and torch.backends.cudnn.is_available() else (
-            "flash" if device.type == "cuda" else "cpu_flash")
     if name not in BACKENDS:
         raise ValueError(f"attention backend '{name}' is not available here (have: {', '.join(BACKENDS)})")
     if BACKENDS[name].varlen and device.type != "cuda":

@@ -29,14 +29,6 @@ def select_rows(x: torch.Tensor, rows: Rows) -> torch.Tensor:
     return x.index_select(0, rows)
 
 
-def count_rows(rows: Rows, total: int) -> int:
-    if rows is None:
-        return total
-    if isinstance(rows, slice):
-        return len(range(*rows.indices(total)))
-    return int(rows.numel())
-
-
 @dataclass
 class BlockMask:
     cu_q: torch.Tensor  # [n + 1] int32

@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from parallel.adaptive import AdaptivePlanner, SequenceTooLong
-from parallel.planner.cost_model import BYTES, CostModel, HardwareProfile
-from trainer.config import ModelConfig
+from parallel.planner.adaptive import AdaptivePlanner, SequenceTooLong
+from parallel.planner.cost_model import BYTES, CostModel
+from parallel.planner.hardware import HardwareProfile
+from parallel.planner.shape import BACKWARD_KERNEL, BACKWARD_MODEL, ModelShape, fewest_blocks
 
 METHODS = ("ring", "ring_bidir", "ulysses")
 
@@ -38,8 +39,14 @@ class Histogram:
 
     @classmethod
     def from_stats(cls, stats: dict, context: int) -> "Histogram":
-        rows = [(b["tokens"] / b["documents"], b["documents"]) for b in stats["buckets"] if b["documents"]]
-        lengths, counts = zip(*rows)
+        """Each bucket as its mean length; the longest document (`max`, when the stats hold it)
+        kept apart, since what must fit is the longest sequence, not a bucket's mean."""
+        rows = [[b["tokens"], b["documents"]] for b in stats["buckets"] if b["documents"]]
+        longest = stats.get("max")
+        if longest and rows[-1][1] > 1:
+            rows[-1] = [rows[-1][0] - longest, rows[-1][1] - 1]
+            rows.append([longest, 1])
+        lengths, counts = zip(*((tokens / docs, docs) for tokens, docs in rows))
         return cls(np.asarray(lengths), np.asarray(counts, dtype=np.float64)).split(context)
 
     @classmethod
@@ -72,8 +79,11 @@ class Histogram:
 @dataclass(frozen=True)
 class Cluster:
     nodes: int
-    gpus_per_node: int
-    hw: HardwareProfile
+    hw: HardwareProfile  # its gpus_per_node is the cluster's
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.hw.gpus_per_node
 
     @property
     def gpus(self) -> int:
@@ -89,7 +99,7 @@ class Candidate:
     sp_method: str
     mode: str  # static | adaptive
     budget: int  # static: tokens per micro-batch; adaptive: tokens per GPU
-    checkpointing: float = 0.0  # fraction of blocks recomputed: the least that fits memory
+    recomputed: float = 0.0  # fraction of blocks recomputed in backward: the least that fits memory
     step_s: float = math.inf
     memory_gb: float = 0.0
     tokens_per_s: float = 0.0
@@ -118,40 +128,30 @@ def powers_of_two(limit: int) -> list[int]:
 
 
 class PlanSearch:
-    def __init__(self, model: ModelConfig, cluster: Cluster, hist: Histogram, global_tokens: int, seed: int = 0):
+    def __init__(self, model: ModelShape, cluster: Cluster, hist: Histogram, global_tokens: int, seed: int = 0):
         self.model, self.cluster, self.hist, self.global_tokens = model, cluster, hist, global_tokens
         self.seed = seed
         self._samples: dict[tuple[int, int], list[int]] = {}
-        full = CostModel(model, cluster.hw)
-        self.params = full.params()
-        self.attention_per_token = hist.per_token(full.attention_flops(hist.lengths))  # kernel FLOPs, all layers
-        self.model_flops_per_token = (6 * (self.params - model.vocab_size * model.dim)
-                                      + self.attention_per_token * 3 / 3.5)  # MFU counts no recompute
+        self.params = model.params()
+        self.attention_per_token = hist.per_token(model.attention_kernel_flops(hist.lengths))  # all layers
+        self.model_flops_per_token = (model.linear_flops_per_token()  # MFU counts no recompute
+                                      + self.attention_per_token * BACKWARD_MODEL / BACKWARD_KERNEL)
         self.longest = int(hist.lengths.max())
-        self.peak = 989.0 if cluster.hw.name in ("H100", "H200") else cluster.hw.matmul_tflops / 0.6
+        self.peak = cluster.hw.peak_tflops or cluster.hw.matmul_tflops / 0.6  # (a preset without a peak: cpu)
 
     # ------------------------------------------------------------------ cost of one candidate
 
     def cost(self, c: Candidate) -> CostModel:
         """The cost model of one tp × pp shard of the model (its heads and layers)."""
-        m = self.model
-        local = replace(m, n_heads=m.n_heads // c.tp, n_kv_heads=max(1, m.n_kv_heads // c.tp),
-                        n_layers=max(1, m.n_layers // c.pp), ffn_dim=m.hidden_dim // c.tp,
-                        vocab_size=max(1, m.vocab_size // c.tp))
-        return CostModel(local, self.cluster.hw, method="ulysses" if c.sp_method == "ulysses" else "ring",
-                         activation_checkpointing=c.checkpointing)
+        return CostModel(self.model.shard(c.tp, c.pp), self.cluster.hw,
+                         method="ulysses" if c.sp_method == "ulysses" else "ring", recomputed=c.recomputed)
 
     def memory_gb(self, c: Candidate) -> float:
-        full = CostModel(self.model, self.cluster.hw, activation_checkpointing=c.checkpointing,
-                         loss_chunk=loss_chunk(c))
+        full = CostModel(self.model, self.cluster.hw, recomputed=c.recomputed, loss_chunk=loss_chunk(c))
         states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive") / (c.tp * c.pp)
         tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
         layers = full.layer_bytes_per_token() / (c.tp * c.pp) * tokens_per_gpu * c.pp  # pp micro-batches in flight
         return (states + layers + full.logits_bytes(tokens_per_gpu) / c.tp) / 2**30
-
-    def link(self, group: int) -> float:
-        hw = self.cluster.hw
-        return 1e9 * (hw.intra_node_gbps if group <= self.cluster.gpus_per_node else hw.inter_node_gbps)
 
     def fsdp_time(self, c: Candidate, compute: float) -> float:
         """The exposed part of one step's weight gathers (fwd, bwd) and gradient reduce-scatter."""
@@ -159,7 +159,8 @@ class PlanSearch:
         if shard == 1:
             return 0.0
         params = self.params / (c.tp * c.pp)
-        total = (2 * params * BYTES + params * 4) * (shard - 1) / shard / self.link(shard * c.tp)
+        link = self.cluster.hw.link_bytes_per_s(shard * c.tp)
+        total = (2 * params * BYTES + params * 4) * (shard - 1) / shard / link
         return max(0.0, total - compute) + total / max(1, self.model.n_layers // c.pp)
 
     def static_time(self, c: Candidate) -> tuple[float, float, float]:
@@ -167,16 +168,16 @@ class PlanSearch:
         cost, hw, m = self.cost(c), self.cluster.hw, self.model
         microbatches = max(1, math.ceil(self.global_tokens / (c.dp * c.budget)))
         attention_flops = self.attention_per_token * c.budget / (c.tp * c.pp)
-        compute = (attention_flops / c.sp / (hw.attention_tflops * 1e12)
-                   + cost.linear_flops_per_token() * c.budget / c.sp / (hw.matmul_tflops * 1e12))
+        compute = float(cost.compute_time(float(c.budget), attention_flops, c.sp))
         sp_comm = float(cost.comm_time(float(c.budget), attention_flops, c.sp))
         if c.sp_method == "ring_bidir" and c.sp > 2:
             sp_comm *= -(-(c.sp - 1) // 2) / (c.sp - 1)  # hops of the longer direction
-        tp_comm = 0.0
+        tp_comm = pp_comm = 0.0
         if c.tp > 1:
             activations = c.budget / c.sp * m.dim * BYTES
-            tp_comm = (m.n_layers / c.pp) * 4 * activations * (c.tp - 1) / c.tp / self.link(c.tp)
-        pp_comm = 2 * c.budget / (c.tp * c.sp) * m.dim * BYTES / self.link(self.cluster.gpus) if c.pp > 1 else 0.0
+            tp_comm = (m.n_layers / c.pp) * 4 * activations * (c.tp - 1) / c.tp / hw.link_bytes_per_s(c.tp)
+        if c.pp > 1:
+            pp_comm = 2 * c.budget / (c.tp * c.sp) * m.dim * BYTES / hw.link_bytes_per_s(self.cluster.gpus)
         stage = hw.microbatch_overhead_s + compute + sp_comm + tp_comm + pp_comm
         fsdp = self.fsdp_time(c, microbatches * compute)
         step = (microbatches + c.pp - 1) * stage + fsdp
@@ -270,15 +271,8 @@ class PlanSearch:
         activation checkpointing, as the trainer's `auto` chooses); all blocks if none fits.
         Recomputing fewer blocks is never slower, so this is the candidate's best setting."""
         n = self.model.n_layers
-        lo, hi = 0, n  # memory falls as more blocks are recomputed: the least k that fits
-        while lo < hi:
-            mid = (lo + hi) // 2
-            c.checkpointing = mid / n
-            if self.memory_gb(c) <= self.cluster.hw.gpu_memory_gb:
-                hi = mid
-            else:
-                lo = mid + 1
-        c.checkpointing = lo / n
+        c.recomputed = fewest_blocks(n, lambda k: self.memory_gb(replace(c, recomputed=k / n))
+                                     <= self.cluster.hw.gpu_memory_gb) / n
         return c
 
     def run(self, budgets: list[int], adaptive: bool = True) -> list[Candidate]:

@@ -77,11 +77,12 @@ def test_block_masks_match_fp32(backend, nq, nk, causal, left, right):
 
 
 def ring_rank(rank: int, world: int, method: str, lengths: list[int]) -> list[float]:
+    from parallel.layout import Layout, ring_and_ulysses
     from parallel.mesh import ParallelDims
-    from parallel.sequence_parallel import SequenceParallelAttention, make_layout, split_degree
+    from parallel.sequence_parallel import SequenceParallelAttention, make_layout
 
-    ring, ulysses = split_degree(method, world, world)
-    groups = ParallelDims(dp=1, ring=ring, ulysses=ulysses, sp_method=method).build(torch.device("cuda")).sp_groups()
+    ring, ulysses = ring_and_ulysses(method, world, world)
+    groups = ParallelDims(Layout(dp=1, ring=ring, ulysses=ulysses, sp_method=method), torch.device("cuda")).sp_groups()
     g = torch.Generator(device="cuda").manual_seed(2)
     t = sum(lengths)
     q, k, v = (torch.randn(t, h, 128, device="cuda", generator=g, dtype=torch.bfloat16) for h in (32, 8, 8))

@@ -1,4 +1,4 @@
-"""Heterogeneity-adaptive sequence parallelism: per step, split the ranks into SP groups of
+"""Heterogeneity-adaptive sequence parallelism's solver: per step, split the ranks into SP groups of
 different sizes and give every sequence to one group, minimising the slowest group's time.
 
 Groups are aligned power-of-two slices of the N ranks (sizes 1, 2, 4 … max_group), so any
@@ -12,20 +12,21 @@ Solvers:
   size b for the rest" for every b), tried in order of their lower bound; longest-first
   assignment to the group that would finish the sequence soonest. Milliseconds; warm start,
   fallback and baseline.
-- MILP (HiGHS via highspy): lengths in ≤ 16 buckets, integer counts of each bucket per group
-  instance, binary group use, integer micro-batches per group, makespan objective, warm-started
-  from the greedy plan and capped in time. Its assignment is re-evaluated exactly and kept only
-  if better.
-Every plan reports its predicted makespan and a lower bound (the LP relaxation's: the least
-total rank-time spread over all ranks, or the slowest sequence on its best group; communication
-left out, since packing can hide it).
+- MILP (HiGHS through highspy's modelling API): lengths in ≤ 16 buckets, integer counts of each
+  bucket per group instance, binary group use, integer micro-batches per group, makespan
+  objective, warm-started from the greedy plan and capped in time. Its assignment is re-evaluated
+  exactly and kept only if better.
+Every plan reports its predicted makespan and a lower bound (the least total rank-time spread
+over all ranks, or the slowest sequence on its best group; communication left out, since packing
+can hide it). Torch-free: the trainer solves the next step's plan in a separate process with it.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -173,6 +174,12 @@ class AdaptivePlanner:
                 out.append(sizes)
         return [p for p in out if max(p) >= need.max(initial=1)]
 
+    def _assigned_plan(self, lengths: list[int], sizes: list[int], times: dict[int, np.ndarray],
+                       need: np.ndarray, solver: str) -> Plan:
+        members = self._assign(lengths, sizes, times, need)
+        used = [g for g in range(len(sizes)) if members[g]]
+        return self.finish(lengths, [sizes[g] for g in used], [members[g] for g in used], solver)
+
     def greedy(self, lengths: list[int]) -> Plan:
         need = self.min_sizes(lengths)
         times = {s: self.share_times(lengths, s) for s in self.sizes}
@@ -182,9 +189,7 @@ class AdaptivePlanner:
         for bound, sizes in candidates:
             if best is not None and bound >= best.predicted_s:
                 break  # no remaining candidate can do better
-            members = self._assign(lengths, sizes, times, need)
-            used = [g for g in range(len(sizes)) if members[g]]
-            plan = self.finish(lengths, [sizes[g] for g in used], [members[g] for g in used], "greedy")
+            plan = self._assigned_plan(lengths, sizes, times, need, "greedy")
             if best is None or plan.predicted_s < best.predicted_s:
                 best = plan
         return best
@@ -192,77 +197,64 @@ class AdaptivePlanner:
     def static(self, lengths: list[int], size: int) -> Plan:
         """Every group of one size (static SP of that degree), for comparison."""
         sizes = [size] * (self.ranks // size)
-        members = self._assign(lengths, sizes, {size: self.share_times(lengths, size)}, self.min_sizes(lengths))
-        used = [g for g in range(len(sizes)) if members[g]]
-        return self.finish(lengths, [sizes[g] for g in used], [members[g] for g in used], f"static-{size}")
+        return self._assigned_plan(lengths, sizes, {size: self.share_times(lengths, size)},
+                                   self.min_sizes(lengths), f"static-{size}")
 
     # ------------------------------------------------------------------ MILP
 
     def milp(self, lengths: list[int], warm: Plan | None) -> Plan | None:
         import highspy
 
-        logs = np.log(np.asarray(lengths, dtype=np.float64))
+        arr = np.asarray(lengths, dtype=np.float64)
+        logs = np.log(arr)
         edges = np.linspace(logs.min(), logs.max() + 1e-9, self.buckets + 1)[1:-1]  # geometric length buckets
         which = np.searchsorted(edges, logs)
         buckets = [np.nonzero(which == b)[0] for b in range(self.buckets) if (which == b).any()]
-        n_b, counts = len(buckets), [int(b.size) for b in buckets]
         inst = [s for s in self.sizes for _ in range(min(self.ranks // s, len(lengths)))]
-        n_g, n_seq = len(inst), len(lengths)
         e = self.cost.hw.microbatch_overhead_s
-        arr = np.asarray(lengths, dtype=np.float64)
         work = {s: self.share_times(arr, s) - e * arr / (s * self.tokens_per_gpu) for s in set(inst)}
-        t = [[float(work[s][b].mean()) for s in inst] for b in buckets]  # the fixed cost counts per micro-batch
+        seconds = [[float(work[s][b].mean()) for s in inst] for b in buckets]  # the fixed cost counts per micro-batch
         tokens = [float(arr[b].mean()) for b in buckets]
-        bucket_need = [int(self.min_sizes([int(arr[b].max())])[0]) for b in buckets]
+        need = [int(self.min_sizes([int(arr[b].max())])[0]) for b in buckets]
+        n_seq = len(lengths)
 
-        h = highspy.Highs()
-        h.setOptionValue("output_flag", False)
+        h = quiet_highs()
         h.setOptionValue("time_limit", float(self.time_limit_s))
         h.setOptionValue("mip_rel_gap", 1e-3)
-        inf = highspy.kHighsInf
-        y = np.arange(n_b * n_g).reshape(n_b, n_g)
-        u = n_b * n_g + np.arange(n_g)
-        k = n_b * n_g + n_g + np.arange(n_g)
-        c = n_b * n_g + 2 * n_g
-        lower = np.zeros(c + 1)
-        upper = np.concatenate([[counts[b] if bucket_need[b] <= inst[g] else 0 for b in range(n_b) for g in range(n_g)],
-                                np.ones(n_g), np.full(n_g, n_seq), [inf]])
-        cost = np.zeros(c + 1)
-        cost[c] = 1.0
-        h.addVars(c + 1, lower, upper)
-        h.changeColsCost(c + 1, np.arange(c + 1, dtype=np.int32), cost)
-        h.changeColsIntegrality(c, np.arange(c, dtype=np.int32), np.full(c, highspy.HighsVarType.kInteger))
-
-        def row(lo: float, hi: float, idx, val) -> None:
-            idx = np.asarray(idx, dtype=np.int32)
-            h.addRow(lo, hi, idx.size, idx, np.asarray(val, dtype=np.float64))
-
-        for b in range(n_b):  # every sequence goes somewhere
-            row(counts[b], counts[b], y[b], np.ones(n_g))
+        integer = highspy.HighsVarType.kInteger
+        # y[b][g]: sequences of bucket b on group instance g; used[g]: the group exists; mbs[g]: its micro-batches
+        y = [[h.addVariable(0, b.size if need[i] <= s else 0, type=integer) for s in inst]
+             for i, b in enumerate(buckets)]
+        used = [h.addVariable(0, 1, type=integer) for _ in inst]
+        mbs = [h.addVariable(0, n_seq, type=integer) for _ in inst]
+        makespan = h.addVariable(0, highspy.kHighsInf, obj=1.0)
+        for i, b in enumerate(buckets):  # every sequence goes somewhere
+            h.addConstr(h.qsum(y[i]) == b.size)
         for g, s in enumerate(inst):
-            row(-inf, 0.0, [*y[:, g], u[g]], [*np.ones(n_b), -n_seq])  # only used groups take sequences
-            row(-inf, 0.0, [*y[:, g], k[g]], [*tokens, -s * self.tokens_per_gpu])  # micro-batches by memory
-            row(-inf, 0.0, [k[g], u[g]], [-1.0, 1.0])  # a used group runs at least one micro-batch
-            row(-inf, 0.0, [*y[:, g], k[g], c], [*(t[b][g] for b in range(n_b)), e, -1.0])  # makespan
-            if g + 1 < n_g and inst[g + 1] == s:
-                row(0.0, inf, [u[g], u[g + 1]], [1.0, -1.0])  # symmetry: instances of a size in order
-        row(-inf, float(self.ranks), u, [float(s) for s in inst])  # the groups fit in the ranks
+            column = [y[i][g] for i in range(len(buckets))]
+            h.addConstr(h.qsum(column) <= n_seq * used[g])  # only used groups take sequences
+            h.addConstr(h.qsum(t * v for t, v in zip(tokens, column)) <= s * self.tokens_per_gpu * mbs[g])  # memory
+            h.addConstr(used[g] <= mbs[g])  # a used group runs at least one micro-batch
+            h.addConstr(h.qsum(seconds[i][g] * y[i][g] for i in range(len(buckets))) + e * mbs[g] <= makespan)
+            if g + 1 < len(inst) and inst[g + 1] == s:
+                h.addConstr(used[g] >= used[g + 1])  # symmetry: instances of a size in order
+        h.addConstr(h.qsum(s * used[g] for g, s in enumerate(inst)) <= self.ranks)  # the groups fit in the ranks
         if warm is not None:
-            self._warm_start(h, warm, buckets, inst, y, u, k, c)
-        h.run()
+            self._warm_start(h, warm, buckets, inst, y, used, mbs, makespan)
+        h.minimize()
         if h.getInfo().primal_solution_status != 2:  # no feasible solution within the time cap
             return None
         x = np.asarray(h.getSolution().col_value)
         take = [sorted(b.tolist(), key=lambda i: -lengths[i]) for b in buckets]
         sizes, members = [], []
         for g, s in enumerate(inst):
-            if x[u[g]] < 0.5:
+            if x[used[g].index] < 0.5:
                 continue
             chosen = []
-            for b in range(n_b):
-                n = int(round(x[y[b, g]]))
-                chosen += take[b][:n]
-                take[b] = take[b][n:]
+            for i in range(len(buckets)):
+                n = int(round(x[y[i][g].index]))
+                chosen += take[i][:n]
+                take[i] = take[i][n:]
             if chosen:
                 sizes.append(s)
                 members.append(chosen)
@@ -270,22 +262,23 @@ class AdaptivePlanner:
             return None
         return self.finish(lengths, sizes, members, "milp")
 
-    def _warm_start(self, h, warm: Plan, buckets, inst, y, u, k, c) -> None:
+    @staticmethod
+    def _warm_start(h, warm: Plan, buckets, inst, y, used, mbs, makespan) -> None:
         import highspy
 
         bucket_of = {int(i): b for b, idx in enumerate(buckets) for i in idx}
-        x = np.zeros(c + 1)
+        x = np.zeros(h.numVariables)
         free = {s: [g for g, t in enumerate(inst) if t == s] for s in set(inst)}
         for group in warm.groups:
             if not free.get(group.size):
                 return
             g = free[group.size].pop(0)
-            x[u[g]] = 1
-            x[k[g]] = len(group.microbatches)
+            x[used[g].index] = 1
+            x[mbs[g].index] = len(group.microbatches)
             for mb in group.microbatches:
                 for i in mb:
-                    x[y[bucket_of[i], g]] += 1
-        x[c] = warm.predicted_s * 2
+                    x[y[bucket_of[i]][g].index] += 1
+        x[makespan.index] = warm.predicted_s * 2
         sol = highspy.HighsSolution()
         sol.col_value = x.tolist()
         sol.value_valid = True
@@ -303,18 +296,28 @@ class AdaptivePlanner:
         plan.solve_s = time.perf_counter() - t0
         return plan
 
-    def brute_force(self, lengths: list[int]) -> float:
-        """The optimal makespan by enumeration (tests: a handful of sequences and ranks)."""
-        best = math.inf
-        need = self.min_sizes(lengths)
-        multisets = [m for r in range(1, self.ranks + 1)
-                     for m in itertools.combinations_with_replacement(self.sizes, r) if sum(m) <= self.ranks]
-        for sizes in multisets:
-            for assign in itertools.product(range(len(sizes)), repeat=len(lengths)):
-                if any(sizes[g] < need[i] for i, g in enumerate(assign)):
-                    continue
-                members = [[i for i, g in enumerate(assign) if g == gi] for gi in range(len(sizes))]
-                span = max((self.group_time(lengths, self.pack(lengths, m, s), s)
-                            for s, m in zip(sizes, members) if m), default=0.0)
-                best = min(best, span)
-        return best
+
+def quiet_highs():
+    """A HiGHS model with its log off. The first one a process makes prints HiGHS's banner straight
+    to file descriptor 1, before any option can be set: that descriptor points elsewhere meanwhile."""
+    import highspy
+
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        h = highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+    h.setOptionValue("output_flag", False)
+    return h
+
+
+def solve_or_explain(planner: AdaptivePlanner, lengths: list[int]) -> Plan | str:
+    """A step's plan, or why there is none (what the trainer's solver process returns)."""
+    try:
+        return planner.solve(lengths)
+    except SequenceTooLong as err:
+        return str(err)

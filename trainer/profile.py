@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from parallel.attention import LocalAttention, select_backend
-from parallel.planner.cost_model import CostModel, device_name, device_profile
-from trainer.compiled import compile_elementwise, should_compile
-from trainer.config import JobConfig
+from parallel.planner.cost_model import CostModel
+from trainer.compiled import compile_elementwise
+from trainer.config import JobConfig, ParallelConfig
+from trainer.job import Target, resolve
+from trainer.loop import DTYPES
 from trainer.model import Transformer
 
 
@@ -52,16 +54,16 @@ def _time_model(model: Transformer, length: int, backend, device: torch.device, 
 
 
 def profile(cfg: JobConfig, lengths: list[int], repeats: int = 3) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = device_name(device)
-    base = device_profile(cfg.cluster.profile, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    one_device = replace(cfg, parallel=ParallelConfig(), cluster=replace(cfg.cluster, workers=1, nodes=1))
+    job = resolve(one_device, Target.this_process())  # the job's decisions for one worker of this device
+    device = torch.device(job.target.device)
+    name, base, dtype = job.target.name, job.hardware, DTYPES[job.precision]
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
-    if should_compile(cfg.train.compile, device):  # time the kernels the trainer runs
+    if job.compile:  # time the kernels the trainer runs
         compile_elementwise(model)
-    backend = select_backend(cfg.model.attention_backend, device)
-    cost = CostModel(cfg.model, base)
+    backend = select_backend(job.attention_backend, device)
+    cost = CostModel(cfg.model.shape, base)
     measured = [_time_model(model, n, backend, device, dtype, repeats, cfg.train.loss_chunk) for n in lengths]
     design = np.stack([np.ones(len(lengths)), cost.attention_flops(np.array(lengths)),
                        cost.linear_flops_per_token() * np.array(lengths, dtype=np.float64)], axis=1)
@@ -69,7 +71,7 @@ def profile(cfg: JobConfig, lengths: list[int], repeats: int = 3) -> dict:
     fitted = replace(base, name=name, microbatch_overhead_s=max(float(e), 0.0),
                      attention_tflops=1e-12 / inv_attention if inv_attention > 0 else base.attention_tflops,
                      matmul_tflops=1e-12 / inv_matmul if inv_matmul > 0 else base.matmul_tflops)
-    predicted = [CostModel(cfg.model, fitted).microbatch_time([n], 1) for n in lengths]
+    predicted = [CostModel(cfg.model.shape, fitted).microbatch_time([n], 1) for n in lengths]
     return {**asdict(fitted), "measured": {
         "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "model": f"{cfg.model.dim}d × {cfg.model.n_layers} layers", "lengths": lengths,

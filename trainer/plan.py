@@ -1,7 +1,7 @@
 """`loom plan`: the best parallel layout for a corpus, a model and a cluster.
 
 Reads the length statistics (a prepared dataset or its `stats.json`), searches the layouts
-(`parallel.planner.search`), prints the ranked table and why the others lost, and writes into
+(`parallel.planner.search`) on the hardware profile the job resolves to, prints the ranked table and why the others lost, and writes into
 OUT: `plan.yaml` (the winner as a train config that `loom train` accepts unchanged),
 `candidates.jsonl` (every candidate) and `plan.png` (the candidates compared).
 """
@@ -13,23 +13,21 @@ import json
 import time
 from pathlib import Path
 
-from parallel.planner.cost_model import hardware_profile
 from parallel.planner.search import Candidate, Cluster, Histogram, PlanSearch, loss_chunk
 from trainer.config import ConfigError, JobConfig, config_from_dict, dump_config
+from trainer.job import Target, check_layout, hardware
 
+PLANNED_GPU = Target("cuda", "H200")  # what `cluster.profile: auto` plans for where this machine has no GPU
 
 
 def cluster_spec(cfg: JobConfig) -> Cluster:
-    c = cfg.cluster
-    try:
-        hw = hardware_profile(c.profile if c.profile != "auto" else "H200")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    overrides = {k: getattr(c, k) for k in ("gpu_memory_gb", "intra_node_gbps", "inter_node_gbps") if getattr(c, k)}
-    per_node = c.workers // c.nodes
+    """The cluster to plan for: `cluster.nodes` nodes of the profile the job resolves to (auto: this
+    machine's GPU, or an H200 on a machine without one)."""
+    here = Target.this_process()
+    per_node = cfg.cluster.workers // cfg.cluster.nodes
     if per_node & (per_node - 1):
         raise ConfigError(f"cluster: {per_node} GPUs per node is not a power of two")
-    return Cluster(c.nodes, per_node, dataclasses.replace(hw, gpus_per_node=per_node, **overrides))
+    return Cluster(cfg.cluster.nodes, hardware(cfg, here if here.device == "cuda" else PLANNED_GPU))
 
 
 def histogram(source: str, context: int) -> Histogram:
@@ -56,7 +54,7 @@ def winner_config(cfg: JobConfig, c: Candidate, global_tokens: int) -> JobConfig
     raw["data"]["tokens_per_microbatch"] = budget
     microbatches = max(1, round(global_tokens / budget), c.pp * c.dp)  # pipelines need ≥ pp per dp rank
     raw["train"]["global_microbatches"] = -(-microbatches // c.dp) * c.dp
-    raw["train"]["activation_checkpointing"] = round(c.checkpointing * cfg.model.n_layers)
+    raw["train"]["activation_checkpointing"] = round(c.recomputed * cfg.model.n_layers)
     raw["train"]["loss_chunk"] = loss_chunk(c)
     raw["cluster"]["device"] = "cuda" if raw["cluster"]["profile"] not in ("cpu",) else raw["cluster"]["device"]
     return config_from_dict(raw)
@@ -72,7 +70,7 @@ def print_table(found: list[Candidate], top: int) -> None:
     for i, c in enumerate([c for c in found if c.feasible][:top], 1):
         budget = f"{c.budget:,}" + ("/GPU" if c.mode == "adaptive" else "")
         ge, le = ("≥ ", "≤ ") if "lower bound" in c.verdict else ("", "")
-        table.add_row(str(i), c.layout, f"{c.checkpointing:.0%}" if c.checkpointing else "no", budget, f"{ge}{c.step_s:.3f}",
+        table.add_row(str(i), c.layout, f"{c.recomputed:.0%}" if c.recomputed else "no", budget, f"{ge}{c.step_s:.3f}",
                       f"{le}{c.tokens_per_s:,.0f}", f"{le}{100 * c.mfu:.1f}%", f"{c.memory_gb:.1f}", c.verdict or "best")
     console = Console(width=None if Console().is_terminal else 160)
     console.print(table)
@@ -96,7 +94,7 @@ def plot(found: list[Candidate], path: Path, memory_gb: float, top: int = 20) ->
     feasible = [c for c in found if c.feasible]
     best = feasible[:top]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1.2, 1]})
-    labels = [f"{c.layout}{f' ckpt {c.checkpointing:.0%}' if c.checkpointing else ''} · {c.budget:,}" for c in best]
+    labels = [f"{c.layout}{f' ckpt {c.recomputed:.0%}' if c.recomputed else ''} · {c.budget:,}" for c in best]
     colors = ["#c44e52"] + ["#55a868"] * (len(best) - 1)
     ax1.barh(range(len(best))[::-1], [c.tokens_per_s for c in best], color=colors)
     ax1.set_yticks(range(len(best))[::-1], labels, fontsize=7)
@@ -123,7 +121,7 @@ def run_plan(cfg: JobConfig, source: str, out: str, top: int = 15) -> Candidate:
     cluster = cluster_spec(cfg)
     hist = histogram(source, cfg.data.context_len)
     global_tokens = cfg.train.global_microbatches * cfg.data.tokens_per_microbatch
-    search = PlanSearch(cfg.model, cluster, hist, global_tokens, seed=cfg.train.seed)
+    search = PlanSearch(cfg.model.shape, cluster, hist, global_tokens, seed=cfg.train.seed)
     found = search.run(budgets_for(cfg.data.context_len))
     winner = next((c for c in found if c.feasible), None)
     elapsed = time.perf_counter() - t0
@@ -140,13 +138,11 @@ def run_plan(cfg: JobConfig, source: str, out: str, top: int = 15) -> Candidate:
     if winner is None:
         raise ConfigError("no layout fits: every candidate runs out of memory or cannot hold the longest sequence")
     plan_cfg = winner_config(cfg, winner, global_tokens)
-    from parallel.mesh import ParallelDims
-
-    ParallelDims.from_config(plan_cfg)  # the plan must be a layout `loom train` accepts
+    check_layout(plan_cfg)  # the plan must be a layout `loom train` accepts
     (folder / "plan.yaml").write_text(f"# loom plan: {winner.layout}, predicted {winner.step_s:.3f} s/step, "
                                       f"{winner.tokens_per_s:,.0f} tokens/s, {winner.memory_gb:.1f} GB/GPU\n"
                                       + dump_config(plan_cfg))
-    print(f"plan: {winner.layout}{f' recomputing {winner.checkpointing:.0%} of the blocks' if winner.checkpointing else ''} → "
+    print(f"plan: {winner.layout}{f' recomputing {winner.recomputed:.0%} of the blocks' if winner.recomputed else ''} → "
           f"{folder / 'plan.yaml'} (candidates: {folder / 'plan.png'})")
     return winner
 

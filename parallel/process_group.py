@@ -1,4 +1,9 @@
-"""Process-group setup and teardown shared by Ray workers and the multi-process tests."""
+"""The process group every rank joins, and turning a hung collective into one clear error.
+
+One group serves CPU tensors over gloo and CUDA tensors over NCCL; it has a timeout, so a
+collective that some rank never joins raises instead of hanging forever, and `collective_guard`
+turns that into one line naming the rank, the operation and the step.
+"""
 
 from __future__ import annotations
 
@@ -13,23 +18,15 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from launch.errors import CollectiveTimeout
+
+class CollectiveTimeout(RuntimeError):
+    """A collective (or point-to-point exchange) that some rank never joined."""
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def node_ip() -> str:
-    """An address of this host that other nodes can reach (loopback when alone)."""
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray, fall back to loopback
-        return "127.0.0.1"
 
 
 def init_distributed(rank: int, world: int, master_addr: str, master_port: int, timeout_s: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.config import ConfigError, JobConfig, load_config
+from trainer.config import ConfigError, load_config
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -32,38 +32,13 @@ def _stats(args: argparse.Namespace) -> None:
     run_stats(args.data, as_json=args.json)
 
 
-def check_job(cfg: JobConfig) -> None:
-    """Checks that need the dataset and the layout; raises ConfigError."""
-    from parallel.mesh import ParallelDims
-    from trainer.prepare import read_manifest
-
-    try:
-        manifest = read_manifest(cfg.data.path)
-    except FileNotFoundError as err:
-        raise ConfigError(f"data.path: {err}") from None
-    vocab = manifest["tokenizer"]["vocab_size"]
-    if cfg.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
-                          f"vocabulary ({vocab}, {manifest['tokenizer']['name']})")
-    dims = ParallelDims.from_config(cfg)
-    if dims.adaptive:
-        import torch
-
-        from trainer.loop import adaptive_budget
-
-        _, budget = adaptive_budget(cfg, torch.device("cpu"))
-        if cfg.data.context_len > dims.sp * budget:
-            raise ConfigError(f"data.context_len={cfg.data.context_len:,} tokens fits no SP group: the largest "
-                              f"({dims.sp} ranks × {budget:,} tokens per rank) holds {dims.sp * budget:,}")
-
-
 def _train(args: argparse.Namespace) -> None:
-    from launch.job import run_job
+    from launch.ray_job import preflight, run_job
 
     cfg = load_config(args.config, args.overrides)
-    check_job(cfg)
+    job = preflight(cfg)
     print(f"loom train: {cfg.name} → {cfg.run_path}", flush=True)
-    summary = run_job(cfg)[0]
+    summary = run_job(cfg, job)[0]
     print(describe_run(summary))
 
 
@@ -79,9 +54,11 @@ def describe_run(s: dict) -> str:
 
 def _submit(args: argparse.Namespace) -> None:
     from launch.submit import submit
+    from trainer.job import check_dataset, check_layout
 
     cfg = load_config(args.config, args.overrides)
-    check_job(cfg)
+    check_dataset(cfg)
+    check_layout(cfg)  # the device-dependent checks run on the cluster, where its devices are known
     submit(cfg, args.address, wait=not args.no_wait, python=args.python)
 
 
@@ -103,14 +80,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from parallel.planner.profile import run_profile
+    from trainer.profile import run_profile
 
     cfg = load_config(args.config, args.overrides)
     run_profile(cfg, args.lengths, args.out)
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from parallel.planner.plan import run_plan
+    from trainer.plan import run_plan
 
     cfg = load_config(args.config, args.overrides)
     run_plan(cfg, args.data, args.out, args.top)
@@ -181,11 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from launch.errors import CollectiveTimeout, PlacementError
-    from parallel.adaptive import SequenceTooLong
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is written for the user: one line, exit status 2."""
+    from launch.errors import PlacementError
+    from parallel.planner.adaptive import SequenceTooLong
+    from parallel.process_group import CollectiveTimeout
     from trainer.prepare import PrepareError
 
+    return ConfigError, PrepareError, FileNotFoundError, PlacementError, SequenceTooLong, CollectiveTimeout
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow the options (`loom submit CONFIG --address A k=v`)
@@ -194,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     try:
         args.func(args)
-    except (ConfigError, PrepareError, FileNotFoundError, PlacementError, SequenceTooLong, CollectiveTimeout) as err:
-        print(f"loom: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("loom: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - those written for the user become one line, the rest re-raise
+        if not isinstance(err, user_errors()):
+            raise
+        print(f"loom: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,11 +1,11 @@
-"""Adaptive sequence parallelism inside the training loop.
+"""A step's work under adaptive sequence parallelism.
 
 Every rank reads the whole step (all `global_microbatches` sampler micro-batches). Rank 0 plans
-how the step's sequences split over SP groups (`parallel.adaptive`) — the plan for step t+1 is
-solved in a separate process while step t trains — and broadcasts it; each rank then repacks its
-group's sequences into micro-batches and runs them with that group's SP (a one-rank group runs
-plain attention). A rank that no group uses runs a one-token micro-batch that adds nothing, so
-that every rank joins the step's FSDP collectives.
+how the step's sequences split over SP groups (`parallel.planner.adaptive`) — the plan for step
+t+1 is solved in a separate, torch-free process while step t trains — and broadcasts it; each
+rank then repacks its group's sequences into micro-batches and runs them with that group's SP
+(a one-rank group runs plain attention). A rank that no group uses runs a one-token micro-batch
+that adds nothing, so that every rank joins the step's FSDP collectives.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallel.adaptive import AdaptivePlanner, Plan, SequenceTooLong
 from parallel.attention import AttentionBackend, LocalAttention
 from parallel.mesh import ParallelDims
+from parallel.planner.adaptive import AdaptivePlanner, Plan, SequenceTooLong, solve_or_explain
 from parallel.planner.cost_model import CostModel
-from parallel.sequence_parallel import SequenceParallelAttention, SPGroups, make_layout
-from trainer.loader import IGNORE, PackedBatch
+from parallel.sequence_parallel import SequenceParallelAttention, make_layout
+from trainer.config import JobConfig
+from trainer.loader import PackedBatch
+from trainer.loss import IGNORE
+from trainer.work import StepWork
 
 Sequence = tuple[int, int]  # (micro-batch of the step, document inside it)
 
@@ -57,74 +60,62 @@ def idle_batch(device: torch.device) -> PackedBatch:
                        torch.tensor([0, 1], dtype=torch.int32, device=device), 1, [])
 
 
-def _solve(planner: AdaptivePlanner, lengths: list[int]) -> Plan | str:
-    try:
-        return planner.solve(lengths)
-    except SequenceTooLong as err:
-        return str(err)
-
-
-class AdaptiveStep:
-    def __init__(self, dims: ParallelDims, backend: AttentionBackend, device: torch.device, cost: CostModel,
-                 tokens_per_gpu: int, solver_time_s: float, window: int):
+class AdaptiveWork:
+    def __init__(self, cfg: JobConfig, dims: ParallelDims, backend: AttentionBackend, device: torch.device,
+                 cost: CostModel, tokens_per_gpu: int, peek_next: Callable[[], list[PackedBatch]]):
         pool = dims.pool()
-        self.dims, self.backend, self.device, self.window = dims, backend, device, window
+        self.cfg, self.dims, self.backend, self.device, self.peek_next = cfg, dims, backend, device, peek_next
         self.pool_rank = pool.index(dist.get_rank())
-        self.planner = AdaptivePlanner(cost, len(pool), dims.sp, tokens_per_gpu, time_limit_s=solver_time_s,
+        solver_time_s = cfg.parallel.sp.solver_time_s
+        self.planner = AdaptivePlanner(cost, len(pool), dims.layout.sp, tokens_per_gpu, time_limit_s=solver_time_s,
                                        use_milp=solver_time_s > 0)
         self._pending: cf.Future | None = None
         self._solver: cf.ProcessPoolExecutor | None = None
         if dist.get_rank() == 0 and solver_time_s > 0:
             self._solver = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
 
-    def plan(self, batches: list[PackedBatch], peek_next: Callable[[], list[PackedBatch]]) -> Plan:
+    def plan(self, batches: list[PackedBatch]) -> Plan:
         """This step's plan (solved while the last step ran), shared by rank 0 with every rank."""
         box: list = [None]
         if dist.get_rank() == 0:
-            _, lengths = step_sequences(batches)
-            if self._pending is not None:
-                box[0] = self._pending.result()
-            else:
-                box[0] = _solve(self.planner, lengths)
+            box[0] = (self._pending.result() if self._pending is not None
+                      else solve_or_explain(self.planner, step_sequences(batches)[1]))
             self._pending = None
             if self._solver is not None and not isinstance(box[0], str):
-                _, next_lengths = step_sequences(peek_next())
-                self._pending = self._solver.submit(_solve, self.planner, next_lengths)
+                self._pending = self._solver.submit(solve_or_explain, self.planner,
+                                                    step_sequences(self.peek_next())[1])
         dist.broadcast_object_list(box, src=0, group=self.dims.control_group)
         if isinstance(box[0], str):
             raise SequenceTooLong(box[0])
         return box[0]
 
-    def work(self, plan: Plan, batches: list[PackedBatch]) -> tuple[list[tuple[PackedBatch, Callable]], list[int]]:
-        """This rank's micro-batches with their attention, and the document lengths of the group's
-        micro-batches (for FLOPs)."""
+    def __call__(self, batches: list[PackedBatch]) -> StepWork:
+        plan = self.plan(batches)
+        step = [b.to(self.device) for b in batches]
+        info = {"sp_groups": plan.describe(), "predicted_s": plan.predicted_s, "solve_s": plan.solve_s,
+                "plan_gap": plan.gap, "solver": plan.solver}
+        labels = float(sum(b.num_labels() for b in batches))
         group = plan.group_of(self.pool_rank)
         if group is None or not group.microbatches:
             batch = idle_batch(self.device)
-            return [(batch, LocalAttention(self.backend, batch.cu_seqlens, 1))], []
-        refs, _ = step_sequences(batches)
+            return StepWork([(batch, LocalAttention(self.backend, batch.cu_seqlens, 1))], labels, 0.0, info)
+        refs, _ = step_sequences(step)
         items, lengths = [], []
+        window = self.cfg.model.window
         for mb in group.microbatches:
-            packed = repack(batches, [refs[i] for i in mb])
+            packed = repack(step, [refs[i] for i in mb])
             lengths += packed.doc_lengths()
             if group.size == 1:
                 items.append((packed, LocalAttention(self.backend, packed.cu_seqlens, packed.max_seqlen,
-                                                     window=self.window)))
+                                                     window=window)))
                 continue
-            groups = self.sp_groups(group.start, group.size)
-            layout = make_layout(packed.doc_lengths(), groups, window=self.window, device=self.device)
+            groups = self.dims.slice_sp_groups(group.start, group.size)
+            layout = make_layout(packed.doc_lengths(), groups, window=window, device=self.device)
             idx = torch.from_numpy(layout.indices(groups.rank)).to(self.device)
             local = PackedBatch(packed.tokens[idx], packed.labels[idx], packed.positions[idx], packed.cu_seqlens,
                                 packed.max_seqlen, packed.pieces)
             items.append((local, SequenceParallelAttention(layout, groups, self.backend)))
-        return items, lengths
-
-    def sp_groups(self, start: int, size: int) -> SPGroups:
-        pg = self.dims.slice_groups[start, size]
-        rank = self.pool_rank - start
-        if self.dims.sp_method == "ulysses":
-            return SPGroups(1, size, 0, rank, None, None, pg)
-        return SPGroups(size, 1, rank, 0, pg, None, None)
+        return StepWork(items, labels, self.cfg.model.shape.model_flops(lengths) / group.size, info)
 
     def close(self) -> None:
         if self._solver is not None:

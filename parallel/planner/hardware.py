@@ -1,0 +1,78 @@
+"""Hardware profiles: what a device and its links achieve, as the cost model's coefficients.
+
+A profile is a preset from the figures measured on those devices, a file written by `loom
+profile`, or — for `auto` — the preset of the device the workers run on. Which one a job uses is
+decided once, when the job is resolved (`trainer.job`); everything here is plain data. The dense
+bf16 peak (for MFU) and the link a group of ranks communicates over live here too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+# Dense bf16 peak per device (TFLOP/s) for MFU, by a substring of the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str = "H200"
+    gpu_memory_gb: float = 139.0  # usable
+    peak_tflops: float = 989.0  # dense bf16 peak (MFU's denominator); 0 = unknown
+    matmul_tflops: float = 600.0  # achieved bf16 dense in a model step (the ceiling measured is ≈ 790)
+    attention_tflops: float = 540.0  # cuDNN fwd+bwd, flash-attention FLOP convention
+    intra_node_gbps: float = 290.0  # per direction, NVLink
+    inter_node_gbps: float = 25.0  # per GPU, e.g. 200 Gb/s InfiniBand
+    gpus_per_node: int = 8
+    microbatch_overhead_s: float = 0.015  # fixed time of one forward + backward of a micro-batch
+    hop_latency_s: float = 2e-5
+
+    def link_bytes_per_s(self, group: int) -> float:
+        """Bandwidth per direction of a group of `group` ranks: NVLink inside a node, the network beyond."""
+        gbps = self.intra_node_gbps if group <= self.gpus_per_node else self.inter_node_gbps
+        return gbps * 1e9
+
+    def save(self, path: str | Path, **extra) -> None:
+        Path(path).write_text(json.dumps({**asdict(self), **extra}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HardwareProfile":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+PRESETS = {
+    "H200": HardwareProfile(),
+    "H100": HardwareProfile(name="H100", gpu_memory_gb=78.0, matmul_tflops=560.0, attention_tflops=500.0,
+                            intra_node_gbps=200.0),
+    # For CPU tests and the local demo: numbers of the right shape, not a measurement.
+    "cpu": HardwareProfile(name="cpu", gpu_memory_gb=4.0, peak_tflops=0.0, matmul_tflops=0.05,
+                           attention_tflops=0.02, intra_node_gbps=2.0, inter_node_gbps=1.0, gpus_per_node=64,
+                           microbatch_overhead_s=0.02, hop_latency_s=1e-4),
+}
+
+
+class UnknownProfile(ValueError):
+    """A profile name that is neither a preset nor a file."""
+
+
+def named_profile(spec: str, device_name: str) -> HardwareProfile:
+    """`spec` is a preset name, the path of a `loom profile` file, or `auto`: the preset whose name
+    the device's name contains. A GPU without a preset gets the H100 preset's rates under its own
+    name and peak (run `loom profile` for its real ones); a CPU gets the cpu preset."""
+    if spec == "auto":
+        match = next((p for name, p in PRESETS.items() if name != "cpu" and name in device_name), None)
+        if match is not None:
+            return match
+        if device_name == "cpu":
+            return PRESETS["cpu"]
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), 0.0)
+        return replace(PRESETS["H100"], name=device_name, peak_tflops=peak)
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if Path(spec).is_file():
+        return HardwareProfile.load(spec)
+    raise UnknownProfile(f"unknown hardware profile '{spec}' (a preset: {', '.join(PRESETS)}; or a JSON file)")

@@ -1,0 +1,129 @@
+"""The resolved job: degree arithmetic, the FLOP and parameter counts, and every decision `resolve`
+makes — against hand counts, a real model's parameters and the cost model's own rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.ray_job import _target
+from parallel.layout import Layout, largest_ulysses, ring_and_ulysses
+from parallel.planner.cost_model import CostModel
+from parallel.planner.hardware import PRESETS, named_profile
+from parallel.planner.shape import fewest_blocks
+from trainer.config import ConfigError, ModelConfig, load_config
+from trainer.job import Target, check_layout, resolve
+from trainer.model import Transformer, num_params
+
+DEMO = "configs/train/demo.yaml"
+H200 = Target("cuda", "NVIDIA H200", 139.8)
+
+
+@pytest.mark.parametrize("degree, heads, kv, tp, want", [
+    (8, 32, 8, 1, 4), (8, 32, 2, 1, 4), (4, 6, 2, 1, 2), (6, 12, 4, 1, 2), (6, 12, 3, 1, 3), (8, 16, 4, 2, 4), (2, 8, 4, 1, 1),
+    (7, 32, 8, 1, 1),
+])
+def test_largest_ulysses_divides_the_degree_and_fits_the_heads(degree, heads, kv, tp, want):
+    assert largest_ulysses(degree, heads, kv, tp) == want
+
+
+def test_ring_and_ulysses_split_a_degree():
+    assert ring_and_ulysses("ring", 8, 4) == (8, 1)
+    assert ring_and_ulysses("allgather", 4, 2) == (4, 1)
+    assert ring_and_ulysses("ulysses", 8, 4) == (1, 8)
+    assert ring_and_ulysses("hybrid", 8, 2) == (4, 2)
+    with pytest.raises(ValueError, match="sp.ulysses=3 does not divide sp.degree=8"):
+        ring_and_ulysses("hybrid", 8, 3)
+    layout = Layout(dp=2, pp=2, tp=2, ring=2, ulysses=2, sp_method="hybrid", pp_virtual=2)
+    assert (layout.sp, layout.world, layout.stages) == (4, 32, 4)
+    assert layout.describe() == "dp=2 × tp=2 × pp=2 × sp=4 (hybrid, ring 2 × ulysses 2)"
+
+
+def test_model_flops_and_parameters_against_hand_counts():
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=40, window=3)
+    shape = cfg.shape
+    assert shape.params() == num_params(Transformer(cfg))
+    tied = ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, tie_embeddings=True)
+    assert tied.shape.params() == num_params(Transformer(tied))
+    lengths = [1, 2, 5]
+    pairs = sum(sum(min(i + 1, 3) for i in range(n)) for n in lengths)  # each query sees ≤ 3 keys
+    assert shape.attention_pairs(lengths).sum() == pairs
+    per_layer = 32 * 8 * (2 * 4 + 2 * 2) + 3 * 32 * 40
+    matmul = 3 * per_layer + 32 * 50
+    assert shape.model_flops(lengths) == 6 * matmul * 8 + 3 * 4 * 4 * 8 * 3 * pairs
+    assert shape.attention_kernel_flops(lengths).sum() == 3.5 * 4 * 4 * 8 * 3 * pairs
+    assert shape.linear_flops_per_token(recomputed=1 / 3) == 6 * matmul + 2 * per_layer
+    half = shape.shard(tp=2, pp=3)
+    assert (half.n_heads, half.n_kv_heads, half.hidden_dim, half.n_layers, half.vocab_size) == (2, 1, 20, 1, 25)
+
+
+def test_fewest_blocks_is_the_least_count_that_fits():
+    for need in range(0, 9):
+        assert fewest_blocks(8, lambda k, need=need: k >= need) == need
+    assert fewest_blocks(8, lambda k: False) == 8
+    # one recomputed block needs more memory than none: 0 fits, 1 does not, 2 does
+    assert fewest_blocks(8, lambda k: k != 1) == 0
+
+
+def test_hardware_profile_by_device_name():
+    assert named_profile("auto", "NVIDIA H100 80GB HBM3").name == "H100"
+    assert named_profile("auto", "cpu").name == "cpu"
+    other = named_profile("auto", "NVIDIA A100-SXM4-80GB")
+    assert other.name == "NVIDIA A100-SXM4-80GB" and other.peak_tflops == 312.0
+    assert named_profile("H200", "cpu") is PRESETS["H200"]
+
+
+def test_resolve_decides_for_the_workers_device(small_dataset):
+    cfg = load_config(DEMO, [f"data.path={small_dataset}", "model=llama-1b-long", "data.context_len=65536",
+                             "data.tokens_per_microbatch=65536", "train.activation_checkpointing=auto",
+                             "cluster.gpu_memory_gb=80", "cluster.profile=auto", "train.loss_chunk=8192"])
+    gpu, cpu = resolve(cfg, H200), resolve(cfg, Target("cpu"))
+    assert (gpu.attention_backend, gpu.precision, gpu.compile) == ("cudnn", "bf16", True)
+    assert (cpu.attention_backend, cpu.precision, cpu.compile) == ("cpu_flash", "fp32", False)
+    assert gpu.hardware.name == "H200" and gpu.hardware.gpu_memory_gb == 80.0  # the cluster's override wins
+    assert gpu.peak_tflops == 989.0 and cpu.peak_tflops is None
+    want = CostModel(cfg.model.shape, gpu.hardware, loss_chunk=8192).blocks_to_recompute(65536, shard=2)
+    assert 0 < gpu.recomputed_blocks == want < cfg.model.n_layers
+    with pytest.raises(ConfigError, match="model.attention_backend=cudnn needs CUDA GPUs"):
+        resolve(load_config(DEMO, [f"data.path={small_dataset}", "model.attention_backend=cudnn"]), Target("cpu"))
+
+
+@pytest.mark.parametrize("model, workers, context", [("llama-1b-long", 2, 65536), ("llama-8b", 8, 65536)])
+def test_adaptive_preflight_on_a_cpu_head_uses_the_workers_gpu(small_dataset, model, workers, context):
+    """The launcher on a head without a GPU resolves the job for the device its probe of the workers
+    reports; the CPU's own profile would refuse these contexts."""
+    cfg = load_config(DEMO, [f"data.path={small_dataset}", f"model={model}", "parallel.sp.mode=adaptive",
+                             "parallel.sp.degree=2" if workers == 2 else "parallel.sp.degree=8",
+                             f"data.context_len={context}", f"data.tokens_per_microbatch={context}",
+                             f"cluster.workers={workers}", "cluster.profile=auto", "cluster.device=auto",
+                             "train.global_microbatches=8", "train.loss_chunk=8192"])
+    target = _target(cfg, gpus=workers, probe=lambda: H200)  # what `cluster_target` finds on a GPU cluster
+    job = resolve(cfg, target)
+    assert job.hardware.name == "H200" and job.layout.adaptive
+    assert job.layout.sp * job.tokens_per_gpu >= context
+    with pytest.raises(ConfigError, match="fits no SP group"):
+        resolve(cfg, Target("cpu"))
+
+
+def test_layout_rules_give_one_line(small_dataset):
+    base = [f"data.path={small_dataset}", "model=tiny"]
+    cases = {
+        "parallel.sp.method=allgather (LASP-2H) is for hybrid models": ["parallel.sp.degree=2",
+                                                                       "parallel.sp.method=allgather"],
+        "adaptive SP needs a power-of-two parallel.sp.degree": ["cluster.workers=3", "parallel.sp.degree=3",
+                                                               "parallel.sp.mode=adaptive"],
+        "sp.ulysses=3 does not divide sp.degree=2": ["parallel.sp.degree=2", "parallel.sp.method=hybrid",
+                                                     "parallel.sp.ulysses=3"],
+    }
+    for message, override in cases.items():
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_layout(load_config(DEMO, base + override))
+
+
+def test_device_of_the_workers():
+    cfg = load_config(DEMO, ["cluster.device=cuda", "cluster.workers=4"])
+    with pytest.raises(ConfigError, match="cluster.device=cuda needs 4 GPUs; this machine has 2"):
+        _target(cfg, gpus=2, probe=lambda: H200)
+    auto = load_config(DEMO, ["cluster.device=auto", "cluster.workers=4"])
+    assert _target(auto, gpus=2, probe=lambda: H200) == Target("cpu")  # too few GPUs: CPU workers
+    assert _target(auto, gpus=4, probe=lambda: H200) == H200
+    assert _target(load_config(DEMO, ["cluster.device=cpu"]), gpus=8, probe=lambda: H200) == Target("cpu")

@@ -1,0 +1,208 @@
+"""The resolved job: a config turned, once, into every decision a run needs.
+
+`resolve(cfg, target)` checks every layout and compatibility rule and decides the parallel
+degrees, the hardware profile (the workers' device, its memory, the cluster's overrides), the
+attention backend, precision and compilation, how many blocks recompute their activations and
+the adaptive SP budget. The CLI's pre-flight, `loom plan`, `loom profile`, the launcher, every
+worker and the benchmarks use its `Job`, so no two of them can disagree; a mistake is one
+`ConfigError` line before any worker starts. `Target` is the device the workers run on: the
+launcher finds it (this machine for an embedded cluster, a probe of a remote one) and hands it in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from parallel.choices import CUDA_BACKENDS, AttentionBackendName, fastest_backend
+from parallel.layout import Layout, largest_ulysses, ring_and_ulysses
+from parallel.planner.cost_model import CostModel
+from parallel.planner.hardware import HardwareProfile, UnknownProfile, named_profile
+from trainer.config import ConfigError, JobConfig, ModelConfig
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """The device each worker of the job runs on."""
+
+    device: Literal["cpu", "cuda"]
+    name: str = "cpu"  # as torch names it, e.g. "NVIDIA H200"
+    memory_gb: float = 0.0  # the device's memory (0 on CPU: the profile's figure stands)
+
+    @classmethod
+    def this_process(cls) -> "Target":
+        """This process's device: its first visible GPU, else the CPU."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return cls("cpu")
+        props = torch.cuda.get_device_properties(0)
+        return cls("cuda", props.name, props.total_memory / 2**30)
+
+
+@dataclass(frozen=True)
+class Job:
+    cfg: JobConfig
+    layout: Layout
+    target: Target
+    hardware: HardwareProfile
+    attention_backend: AttentionBackendName
+    precision: Precision
+    compile: bool
+    recomputed_blocks: int
+    tokens_per_gpu: int  # adaptive SP: activation budget per rank; 0 for static layouts
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.cfg.model
+
+    @property
+    def peak_tflops(self) -> float | None:
+        """Per-device dense peak for MFU (None where unknown: CPUs)."""
+        return self.cfg.cluster.peak_tflops or self.hardware.peak_tflops or None
+
+    def cost_model(self) -> CostModel:
+        return cost_model(self.cfg, self.layout, self.hardware)
+
+
+def cost_model(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> CostModel:
+    """The job's cost model: its model, hardware, SP method's communication and loss chunking."""
+    method = "ulysses" if layout.sp_method == "ulysses" else "ring"
+    return CostModel(cfg.model.shape, hw, method=method, loss_chunk=cfg.train.loss_chunk)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_layout(cfg: JobConfig, world: int | None = None) -> Layout:
+    """The parallel degrees of a config on `world` workers (default: cluster.workers), with every
+    rule a layout must obey; what does not depend on the device."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    world = cfg.cluster.workers if world is None else world
+    for name, degree in (("tp", p.tp), ("pp", p.pp), ("sp.degree", p.sp.degree)):
+        _require(degree >= 1, f"parallel.{name} must be >= 1, got {degree}")
+    inner = p.pp * p.tp * p.sp.degree
+    _require(world % inner == 0, f"{world} workers cannot hold pp={p.pp} × tp={p.tp} × sp={p.sp.degree}")
+    dp = world // inner if p.dp == -1 else p.dp
+    _require(dp >= 1 and dp * inner == world,
+             f"layout dp={dp} × pp={p.pp} × tp={p.tp} × sp={p.sp.degree} does not multiply to {world} workers")
+    _require(p.sp.ulysses >= 0, f"parallel.sp.ulysses must be >= 0, got {p.sp.ulysses}")
+    try:
+        ring, ulysses = ring_and_ulysses(p.sp.method, p.sp.degree,
+                                         p.sp.ulysses or largest_ulysses(p.sp.degree, m.n_heads, m.n_kv_heads, p.tp))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if ulysses > 1:
+        _require(m.n_heads % ulysses == 0, f"n_heads={m.n_heads} is not divisible by the Ulysses degree {ulysses}")
+        _require(m.n_kv_heads % ulysses == 0 or ulysses % m.n_kv_heads == 0,
+                 f"n_kv_heads={m.n_kv_heads} and the Ulysses degree {ulysses}: one must divide the other")
+    _require(m.n_heads % (p.tp * ulysses) == 0,
+             f"model.n_heads={m.n_heads} is not divisible by tp × ulysses = {p.tp * ulysses}")
+    _require(m.n_kv_heads % p.tp == 0, f"model.n_kv_heads={m.n_kv_heads} is not divisible by tp={p.tp}")
+    adaptive = p.sp.mode == "adaptive"
+    if adaptive:
+        _require(not p.sp.degree & (p.sp.degree - 1) and p.sp.method in ("ring", "ulysses"),
+                 "adaptive SP needs a power-of-two parallel.sp.degree (the largest group) "
+                 "and parallel.sp.method ring or ulysses")
+        _require(p.pp * p.tp == 1, "adaptive SP with tp or pp > 1 is not supported in this version of Loom")
+    else:
+        _require(t.global_microbatches % dp == 0,
+                 f"train.global_microbatches={t.global_microbatches} is not divisible by dp={dp}")
+    virtual = p.pp_virtual if p.pp > 1 else 1
+    _require(p.pp_schedule == "1f1b" or p.pp_virtual >= 2,
+             "parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual >= 2 stages per rank")
+    if p.pp > 1:
+        stages = p.pp * virtual
+        _require(m.n_layers % stages == 0,
+                 f"model.n_layers={m.n_layers} is not divisible by pp × pp_virtual = {stages} stages")
+        per_rank = t.global_microbatches // dp
+        _require(per_rank >= p.pp and (p.pp_schedule == "1f1b" or per_rank % p.pp == 0),
+                 f"pp={p.pp} needs at least pp micro-batches per data-parallel rank (a multiple of pp for "
+                 f"interleaved 1F1B); train.global_microbatches / dp = {per_rank}")
+    if p.dp_engine == "deepspeed":
+        _require(p.tp == p.pp == p.sp.degree == 1,
+                 "parallel.dp_engine=deepspeed runs data parallelism only (tp = pp = sp.degree = 1)")
+        _require("://" not in cfg.checkpoint.folder,
+                 "parallel.dp_engine=deepspeed saves its checkpoints to a local or shared path, not a URL")
+    if p.sp.degree > 1:
+        if m.has_linear:
+            _require(p.sp.method in ("ring", "ring_bidir", "allgather"),
+                     f"models with linear-attention layers use sp.method ring, ring_bidir or allgather, not {p.sp.method}")
+            _require(not adaptive, "adaptive SP of models with linear-attention layers is not supported")
+            _require(not m.window, "sliding windows in models with linear-attention layers are not supported")
+        else:
+            _require(p.sp.method != "allgather", "parallel.sp.method=allgather (LASP-2H) is for hybrid models "
+                     "with linear-attention layers; softmax-only models use ring, ring_bidir, ulysses or hybrid")
+    return Layout(dp=dp, pp=p.pp, tp=p.tp, ring=ring, ulysses=ulysses, sp_method=p.sp.method, adaptive=adaptive,
+                  pp_virtual=virtual)
+
+
+def check_dataset(cfg: JobConfig) -> dict:
+    """The dataset's manifest, after checking that the model can train on it."""
+    from trainer.prepare import read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.path: {err}") from None
+    vocab = manifest["tokenizer"]["vocab_size"]
+    _require(cfg.model.vocab_size >= vocab, f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
+                                            f"vocabulary ({vocab}, {manifest['tokenizer']['name']})")
+    return manifest
+
+
+def hardware(cfg: JobConfig, target: Target) -> HardwareProfile:
+    """The cost model's coefficients for the workers' device: `cluster.profile` (auto: the device's
+    preset), the device's own memory, then the cluster's overrides."""
+    c = cfg.cluster
+    try:
+        hw = named_profile(c.profile, target.name)
+    except UnknownProfile as err:
+        raise ConfigError(str(err)) from None
+    if target.memory_gb:
+        hw = replace(hw, gpu_memory_gb=target.memory_gb)
+    overrides = {k: getattr(c, k) for k in ("gpu_memory_gb", "intra_node_gbps", "inter_node_gbps") if getattr(c, k)}
+    return replace(hw, gpus_per_node=c.workers // c.nodes, **overrides)
+
+
+def recomputed_blocks(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
+    """The configured count, or for `auto` the fewest blocks that let one micro-batch's share of a
+    rank (tokens / sp) fit the device's memory."""
+    setting, n = cfg.train.activation_checkpointing, cfg.model.n_layers
+    if isinstance(setting, bool):
+        return n if setting else 0
+    if isinstance(setting, int):
+        return setting
+    return cost_model(cfg, layout, hw).blocks_to_recompute(cfg.data.tokens_per_microbatch // layout.sp, layout.dp * layout.sp)
+
+
+def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
+    """Adaptive SP: each rank's activation budget in tokens; the largest group must hold the context."""
+    if not layout.adaptive:
+        return 0
+    budget = cfg.parallel.sp.tokens_per_gpu or cost_model(cfg, layout, hw).tokens_per_gpu(
+        cfg.cluster.workers, unsharded_copy=True)
+    _require(cfg.data.context_len <= layout.sp * budget,
+             f"data.context_len={cfg.data.context_len:,} tokens fits no SP group: the largest ({layout.sp} ranks × "
+             f"{budget:,} tokens per rank) holds {layout.sp * budget:,}")
+    return budget
+
+
+def resolve(cfg: JobConfig, target: Target, world: int | None = None) -> Job:
+    """Every decision of a run on `world` workers (default: cluster.workers) of `target`'s device."""
+    layout = check_layout(cfg, world)
+    check_dataset(cfg)
+    backend = cfg.model.attention_backend
+    if backend == "auto":
+        backend = fastest_backend(target.device)
+    _require(target.device == "cuda" or backend not in CUDA_BACKENDS,
+             f"model.attention_backend={backend} needs CUDA GPUs; the workers run on the CPU")
+    hw = hardware(cfg, target)
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if target.device == "cuda" else "fp32")
+    compile_ = cfg.train.compile if cfg.train.compile != "auto" else target.device == "cuda"
+    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), recomputed_blocks(cfg, layout, hw),
+               adaptive_budget(cfg, layout, hw))

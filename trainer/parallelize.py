@@ -1,0 +1,117 @@
+"""How the model becomes parallel: pipeline stages, then per part in torchtitan's order — tensor
+parallelism, activation checkpointing, compilation, FSDP.
+
+Pipeline stages are pruned copies of the whole model (the layers a stage runs, plus the embedding
+on the first and the norm and output on the last), so parameter names stay those of the whole
+model and checkpoints reshard across layouts; rank r runs stages r, r + pp, … (interleaved 1F1B).
+
+Tensor parallelism is Megatron's layout through DTensor's `parallelize_module`: column-parallel
+q/k/v and w1/w3, row-parallel wo and w2, a vocab-parallel embedding and output layer whose logits
+stay sharded over the vocabulary for a loss-parallel cross-entropy, and sequence-parallel
+activations between the TP regions (norms and residuals hold T/tp tokens; an all-gather enters
+attention and the MLP, a reduce-scatter leaves them). Attention sees the local heads only, so
+ring / Ulysses / LASP compose with it unchanged; linear layers keep the decay of their local K/V
+heads. DTensor rather than megatron-core's layers: its parameters compose with FSDP2 (2-D dp × tp
+meshes) and with DCP resharding, and run on gloo for the CPU tests.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+
+from parallel.data_parallel import apply_fsdp
+from parallel.mesh import ParallelDims
+from trainer.compiled import compile_elementwise
+from trainer.model import LinearAttention, Transformer
+
+
+def stage_ids(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    """The pipeline stages a pp rank runs."""
+    return [pp_rank + pp * v for v in range(virtual)]
+
+
+def split_model(model: Transformer, stage: int, stages: int) -> Transformer:
+    """A copy of the model holding only what stage `stage` of `stages` runs."""
+    per = len(model.layers) // stages
+    keep = {str(i) for i in range(stage * per, (stage + 1) * per)}
+    part = copy.deepcopy(model)
+    for name in list(part.layers.keys()):
+        if name not in keep:
+            del part.layers[name]
+    if stage > 0:
+        part.tok_embeddings = None
+    if stage < stages - 1:
+        part.norm = None
+        part.output = None
+    return part
+
+
+def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
+    tp = mesh.size()
+    rank = mesh.get_local_rank()
+    top = {}
+    if model.tok_embeddings is not None:  # (a pipeline stage holds only some of these)
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+    if model.output is not None:
+        top["norm"] = SequenceParallel(sequence_dim=0)
+        top["output"] = ColwiseParallel(input_layouts=Shard(0), output_layouts=Shard(-1), use_local_output=False)
+    if top:
+        parallelize_module(model, mesh, top)
+    for block in model.layers.values():
+        plan = {
+            "attention_norm": SequenceParallel(sequence_dim=0),
+            "attention": PrepareModuleInput(input_layouts=(Shard(0), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(0)),
+            "ffn_norm": SequenceParallel(sequence_dim=0),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(0),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(0)),
+        }
+        if isinstance(block.attention, LinearAttention):
+            # heads are sharded over tp: the per-head norm's weight is shared, its gradient summed over tp
+            plan["attention.head_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+        parallelize_module(block, mesh, plan)
+        if isinstance(block.attention, LinearAttention):  # this rank's K/V heads keep their own decay
+            heads = block.attention.log_decay.numel() // tp
+            block.attention.log_decay = block.attention.log_decay[rank * heads:(rank + 1) * heads].clone()
+
+
+def recomputed_block_ids(count: int, n_layers: int) -> set[int]:
+    """Indices of `count` of the model's `n_layers` blocks, spread evenly (selective checkpointing)."""
+    return {j * n_layers // count for j in range(count)} if count > 0 else set()
+
+
+def apply_activation_checkpointing(model: nn.Module, blocks: set[int]) -> None:
+    """Wraps the named transformer blocks (global layer indices; a pipeline stage holds some) so that
+    their activations are recomputed in backward (non-reentrant: collectives inside, such as the
+    ring's, simply run again in the same order on every rank)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for name, block in list(model.layers.items()):
+        if int(name) in blocks:
+            model.layers[name] = checkpoint_wrapper(block)
+
+
+def parallelize(part: Transformer, dims: ParallelDims, recomputed: set[int], compiled: bool,
+                fsdp: bool, param_dtype: torch.dtype) -> None:
+    """Makes one model part parallel in place: tp → activation checkpointing → compile → FSDP.
+    Adaptive SP runs different numbers of micro-batches per rank: FSDP then gathers once per step."""
+    if dims.layout.tp > 1:
+        apply_tp(part, dims.mesh["tp"])
+    apply_activation_checkpointing(part, recomputed)
+    if compiled:
+        compile_elementwise(part)
+    if fsdp:
+        apply_fsdp(part, dims.fsdp_mesh, param_dtype=param_dtype, reshard_after_forward=not dims.layout.adaptive)
