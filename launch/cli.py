@@ -34,11 +34,13 @@ def _stats(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from launch.ray_job import preflight, run_job
+    from launch.run_lock import RunLease
 
     cfg = load_config(args.config, args.overrides)
     job = preflight(cfg)
-    print(f"loom train: {cfg.name} → {cfg.run_path}", flush=True)
-    summary = run_job(cfg, job)[0]
+    with RunLease(cfg.run_path):  # one job per run folder, for as long as this one runs
+        print(f"loom train: {cfg.name} → {cfg.run_path}", flush=True)
+        summary = run_job(cfg, job)[0]
     print(describe_run(summary))
 
 
@@ -160,12 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is written for the user: one line, exit status 2."""
-    from launch.errors import PlacementError
+    from launch.errors import PlacementError, WorkerDied
     from parallel.planner.adaptive import SequenceTooLong
     from parallel.process_group import CollectiveTimeout
+    from trainer.checkpoint import CheckpointError
+    from trainer.dataset import DatasetError
+    from trainer.engine import NonFiniteError
     from trainer.prepare import PrepareError
 
-    return ConfigError, PrepareError, FileNotFoundError, PlacementError, SequenceTooLong, CollectiveTimeout
+    return (ConfigError, PrepareError, DatasetError, CheckpointError, NonFiniteError, FileNotFoundError,
+            PlacementError, SequenceTooLong, CollectiveTimeout, WorkerDied)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,10 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         print("loom: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - those written for the user become one line, the rest re-raise
-        if not isinstance(err, user_errors()):
+        from launch.errors import WorkerError
+
+        if not isinstance(err, (*user_errors(), WorkerError)):
             raise
         print(f"loom: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, WorkerError) else 2
     return 0
 
 

@@ -2,24 +2,32 @@
 
 The job is resolved once here (`trainer.job.resolve`) for the device its workers run on — this
 machine's for an embedded cluster (before Ray starts), a probe of a remote cluster's GPUs once
-connected — and every worker receives that resolved job. The driver starts the worker group,
-waits, and on a worker failure restarts the whole group up to `cluster.max_failures` times; the
-trainer resumes from the newest complete checkpoint. Ctrl-C stops every worker before the
-driver exits.
+connected — and every worker receives that resolved job. The driver holds the run folder's lease
+(`launch.run_lock`) for the whole run, checks that the checkpoint folder takes writes, starts the
+worker group and waits. A worker whose process dies, or whose collective times out, makes it
+restart the whole group up to `cluster.max_failures` times (the trainer resumes from the newest
+complete checkpoint); an error in the user's input stops the run at once. Either way the user
+gets one line: which rank, what happened, how to resume — a traceback goes to the run folder.
+Ctrl-C stops every worker before the driver exits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from launch.errors import WorkerDied, WorkerError
+from trainer.checkpoint import CheckpointError, complete_checkpoints, probe_writable
 from trainer.config import ConfigError, JobConfig
-from trainer.job import Job, Target, check_dataset, resolve
+from trainer.job import Job, Target, check_dataset, check_resume, resolve
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from launch.reaper import Watcher
+    from launch.worker_group import WorkerFailure
 
 
 def _quiet_ray_env() -> None:
@@ -64,42 +72,49 @@ def _device_here() -> Target:
 
 
 def preflight(cfg: JobConfig) -> Job | None:
-    """Every check that can run before Ray starts: the dataset, and for an embedded cluster the
-    whole resolved job (a remote cluster's device is known only once connected)."""
+    """Every check that can run before Ray starts: the dataset, the checkpoint folder, whether the
+    run's checkpoints fit this config, and for an embedded cluster the whole resolved job (a
+    remote cluster's device is known only once connected)."""
     check_dataset(cfg)
+    probe_writable(cfg.checkpoint_folder)
+    check_resume(cfg)
     return None if cfg.cluster.address else resolve(cfg, local_target(cfg))
 
 
-def connect(cfg: JobConfig) -> bool:
-    """Connects to `cluster.address` or starts a local cluster; True if this call started one."""
+def connect(cfg: JobConfig) -> Watcher | None:
+    """Connects to `cluster.address` or starts a private local cluster (never one already running
+    on this machine), watched so that it ends with this driver; the watcher of a cluster this call
+    started (None otherwise)."""
     import ray
+
+    from launch.reaper import Watcher, cluster_processes
 
     _quiet_ray_env()
     if ray.is_initialized():
-        return False
+        return None
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, logging_level=logging.ERROR, log_to_driver=True)
-        return False
+        return None
     cpus = max(os.cpu_count() or 1, cfg.cluster.workers * cfg.cluster.cpus_per_worker)
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "0"}})
-    return True
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=True, runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "0"}})
+    return Watcher(cluster_processes())
 
 
 def run_job(cfg: JobConfig, job: Job | None = None) -> list[dict[str, Any]]:
-    """Runs the job (resolved by `preflight`, or here once connected) to its end; every worker's summary."""
+    """Runs the job (resolved by `preflight`, or here once connected) to its end; every worker's
+    summary. The caller holds the run folder's lease."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
-    from launch.worker_group import WorkerGroup
+    from launch.worker_group import WorkerFailure, WorkerGroup
 
-    started = connect(cfg)
+    watcher = connect(cfg)
     t0 = time.time()
     try:
         job = job or resolve(cfg, cluster_target(cfg))
         layout = job.layout
         block = layout.tp * layout.sp  # ranks that must share a node
-        print(f"ray: {'local cluster' if started else cfg.cluster.address or 'connected'}, "
+        print(f"ray: {'local cluster' if watcher else cfg.cluster.address or 'connected'}, "
               f"{cfg.cluster.workers} workers on {'GPU' if job.target.device == 'cuda' else 'CPU'}"
               + (f", groups of {block} per node" if block > 1 else ""), flush=True)
         failures = 0
@@ -109,14 +124,43 @@ def run_job(cfg: JobConfig, job: Job | None = None) -> list[dict[str, Any]]:
                 results = group.run()
                 print(f"job finished in {time.time() - t0:.0f} s", flush=True)
                 return results
-            except (RayActorError, RayTaskError) as err:
+            except WorkerFailure as failure:
+                if failure.cause is not None and not retryable(failure.cause):
+                    raise failure.cause from None  # the user's input: the same again would fail the same way
                 failures += 1
                 if failures > cfg.cluster.max_failures:
-                    raise
-                print(f"worker failure ({type(err).__name__}); restarting from the newest checkpoint "
+                    raise final_error(cfg, failure) from None
+                what = "died" if failure.cause is None else f"failed ({type(failure.cause).__name__})"
+                print(f"worker failure: rank {failure.rank} {what}; restarting from the newest checkpoint "
                       f"[{failures}/{cfg.cluster.max_failures}]", flush=True)
             finally:
                 group.shutdown()
     finally:
-        if started:
+        if watcher:
             ray.shutdown()
+            watcher.release()
+
+
+def retryable(cause: BaseException) -> bool:
+    """Whether a restart from the newest checkpoint may get past an error raised in a worker: not
+    for mistakes in the input, which would fail the same way again."""
+    from parallel.planner.adaptive import SequenceTooLong
+    from trainer.dataset import DatasetError
+    from trainer.engine import NonFiniteError
+
+    return not isinstance(cause, (ConfigError, DatasetError, CheckpointError, NonFiniteError, SequenceTooLong))
+
+
+def final_error(cfg: JobConfig, failure: WorkerFailure) -> Exception:
+    """One line for a failure with no restarts left: the rank, what happened, how to go on."""
+    done = complete_checkpoints(cfg.checkpoint_folder)
+    resume = (f"running the same command again resumes from step {done[-1][0]}" if done
+              else "no checkpoint was written yet: running the same command again starts over")
+    if failure.cause is None:
+        return WorkerDied(f"rank {failure.rank} died (its process ended without finishing its step); {resume}, "
+                          f"and cluster.max_failures > 0 restarts automatically")
+    log = cfg.run_path / f"error-rank{failure.rank}.log"
+    log.write_text(re.sub(r"\x1b\[[0-9;]*m", "", failure.detail))
+    message = str(failure.cause).splitlines()[0] if str(failure.cause) else ""
+    return WorkerError(f"rank {failure.rank} failed: {type(failure.cause).__name__}: {message} "
+                       f"(traceback: {log}); {resume}")

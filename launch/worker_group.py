@@ -20,6 +20,14 @@ from launch.errors import PlacementError
 from trainer.job import Job
 
 
+class WorkerFailure(Exception):
+    """Rank `rank` of the group failed: its process died (`cause` None) or its code raised `cause`."""
+
+    def __init__(self, rank: int, cause: BaseException | None, detail: str):
+        super().__init__(f"rank {rank}: {detail}")
+        self.rank, self.cause, self.detail = rank, cause, detail
+
+
 @ray.remote
 class TrainWorker:
     def __init__(self, rank: int, world: int, threads: int):
@@ -99,10 +107,16 @@ class WorkerGroup:
             visible = sorted(node_gpus[node], key=int)
             local_rank = visible.index(gpus[0]) if gpus else 0
             refs.append(worker.run.remote(self.job, master_addr, master_port, visible, local_rank))
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
         while pending:  # surface the first failure at once instead of waiting on the survivors
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done[0])
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                raise WorkerFailure(rank_of[done[0]], None, str(err)) from None
+            except ray.exceptions.RayTaskError as err:
+                raise WorkerFailure(rank_of[done[0]], err.cause, str(err)) from None
         return ray.get(refs)
 
     def shutdown(self) -> None:

@@ -67,13 +67,14 @@ class AllGatherAttention:
         window = layout.window
         self.mask = BlockMask(cu(nq), cu(nk), max(nq, default=0), max(nk, default=0), True,
                               window - 1 if window else -1, 0,
-                              None, torch.from_numpy(np.concatenate(keys)).to(device) if keys else None)
+                              None, torch.from_numpy(np.concatenate(keys)).to(device) if keys else None,
+                              q_lengths=tuple(nq), k_lengths=tuple(nk))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         g = self.groups
         kv = _GatherRows.apply(torch.stack([k, v], 1).flatten(1), self.sizes, g.ring_rank, g.ring_group)
         kv = kv.view(kv.shape[0], 2, *k.shape[1:])
-        if not q.shape[0]:
-            return torch.zeros_like(q)
+        if not q.shape[0]:  # no queries here; the output still depends on the gather, so that this rank's
+            return torch.zeros_like(q) + 0 * kv.sum()  # backward joins the group's all-reduce like the others
         keys, values = select_rows(kv[:, 0], self.mask.k_rows), select_rows(kv[:, 1], self.mask.k_rows)
         return block_attention(q, keys, values, self.backend, self.mask)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -140,6 +141,7 @@ def test_a_hung_collective_ends_in_a_timeout_naming_rank_and_operation(small_dat
     assert time.time() - t0 < 60
 
 
+@pytest.mark.slow
 def test_resume_onto_fewer_workers_reshards_the_stream(small_dataset, tmp_path):
     """Saved by 4 workers at step 10, resumed by 2: the samples of steps 11-20 are exactly those an
     uninterrupted 4-worker run trains on (the loader state is global), and the loss continues

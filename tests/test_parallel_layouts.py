@@ -46,6 +46,7 @@ def test_two_rank_layouts_equal_one_process(small_dataset, tmp_path):
     check_world(2, small_dataset, tmp_path)
 
 
+@pytest.mark.slow
 def test_four_rank_layouts_equal_one_process(small_dataset, tmp_path):
     check_world(4, small_dataset, tmp_path)
 
@@ -55,6 +56,7 @@ def test_eight_rank_layout_equals_one_process(small_dataset, tmp_path):
     check_world(8, small_dataset, tmp_path)
 
 
+@pytest.mark.slow
 def test_interleaved_1f1b_equals_one_process(small_dataset, tmp_path):
     ov = base(small_dataset, tmp_path)
     (reference, _), = run_ranks(train_rank, 1, ov + ["name=reference"])
@@ -63,6 +65,7 @@ def test_interleaved_1f1b_equals_one_process(small_dataset, tmp_path):
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_onto_other_layouts_continues_the_loss(small_dataset, tmp_path):
     """Saved by dp2·tp2 (4 ranks) at step 2, resumed by pp2 (2 ranks) to step 4, then by one process
     to step 6: the losses follow one uninterrupted single-process run."""
@@ -78,6 +81,7 @@ def test_resume_onto_other_layouts_continues_the_loss(small_dataset, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero_stages_equal_one_process(small_dataset, tmp_path, monkeypatch):
     """ZeRO 1, 2 and 3 on two ranks (DeepSpeed owns optimizer, schedule and clipping), and a ZeRO-3
     run resumed from DeepSpeed's checkpoint inside Loom's, against one FSDP process."""

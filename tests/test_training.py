@@ -56,7 +56,8 @@ def test_two_workers_equal_one_on_the_same_global_batches(small_dataset, tmp_pat
     assert other["losses"][1] != pytest.approx(one["losses"][1], rel=1e-4)
 
 
-@pytest.mark.parametrize("async_save, url", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("async_save, url", [(False, False), pytest.param(True, False, marks=pytest.mark.slow),
+                                             pytest.param(False, True, marks=pytest.mark.slow)])
 def test_kill_and_resume_is_bit_exact(small_dataset, tmp_path, async_save, url):
     """Also with the checkpoints behind an fsspec URL (file://: the same code path as s3:// or gs://)."""
     ov = tiny_overrides(small_dataset, tmp_path) + ["train.max_steps=20", "checkpoint.every=10",

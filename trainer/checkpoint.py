@@ -3,9 +3,11 @@
 A checkpoint of step N is written into `step-N.tmp/`; when every rank has written its shards
 (and, for async saves, the background write has finished), rank 0 renames the folder to
 `step-N/` and then adds `COMPLETE.json` — with the size and SHA-256 of every file. Only folders
-with that marker are loaded, and only if every file still matches it: a truncated or missing
-file makes the resume fall back to the previous checkpoint, with a warning naming the damaged
-step. The last `keep_last` are kept.
+with that marker are loaded, and only if the marker reads and every file still matches it: a
+damaged checkpoint makes the resume fall back to the previous one, with a warning naming it. When
+checkpoints exist but none is intact, the run stops with one line listing them, unless
+`checkpoint.damaged: start_over` says to set them aside (`step-N.damaged/`) and begin again. The
+last `keep_last` are kept.
 
 The folder is a local (shared) path or any fsspec URL — `s3://bucket/run`, `gs://…`,
 `file:///…` — so that the nodes of a multi-node job can share one store; DCP picks its fsspec
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -34,7 +36,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_state_dict)
 from torch.distributed.checkpoint.stateful import Stateful
 
-log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -127,11 +128,34 @@ def file_digests(location: str | Path) -> dict[str, dict[str, Any]]:
     return digests
 
 
+class CheckpointError(RuntimeError):
+    """Checkpoints that cannot be resumed as they are; its message is one line."""
+
+
+def probe_writable(folder: str | Path) -> None:
+    """Raises CheckpointError unless the folder (a path or URL) can be created and written to."""
+    probe = join(folder, f".write-probe-{os.getpid()}")
+    try:
+        fs, root = storage(folder)
+        fs.makedirs(root, exist_ok=True)
+        with fsspec.open(probe, "wb") as fh:
+            fh.write(b"loom")
+        fs.rm(storage(probe)[1])
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint folder {folder} is not writable ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'no permission'})") from None
+
+
+def read_marker(location: str | Path) -> dict[str, Any]:
+    return json.loads(read_text(join(location, MARKER)))
+
+
 def damage(location: str | Path) -> str:
     """Why a complete checkpoint can no longer be trusted ('' if it can)."""
-    expected = json.loads(read_text(join(location, MARKER))).get("files")
-    if expected is None:
-        return ""
+    try:
+        expected = read_marker(location)["files"]
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        return f"{MARKER} is unreadable ({type(err).__name__})"
     found = file_digests(location)
     for name, want in expected.items():
         got = found.get(name)
@@ -146,8 +170,9 @@ def damage(location: str | Path) -> str:
 
 class Checkpointer:
     def __init__(self, folder: str | Path, keep_last: int, group: dist.ProcessGroup | None = None,
-                 async_save: bool = False):
+                 async_save: bool = False, damaged: str = "stop"):
         self.folder = str(folder)
+        self.damaged = damaged
         self.fs, _ = storage(self.folder)
         self.keep_last = keep_last
         self.group = group
@@ -158,28 +183,44 @@ class Checkpointer:
     def _path(self, location: str) -> str:
         return storage(location)[1]
 
-    def latest(self) -> tuple[int, str] | None:
-        """The newest complete checkpoint whose files match their checksums (rank 0 checks, every
-        rank gets its answer)."""
-        choice: list = [None]
+    def latest(self) -> tuple[int, str, dict[str, Any]] | None:
+        """(step, location, marker) of the newest complete checkpoint whose files match their
+        checksums; None when there is none (rank 0 checks, every rank gets its answer)."""
+        answer: list = [None]
         if self.rank == 0:
-            for step, location in reversed(complete_checkpoints(self.folder)):
-                problem = damage(location)
-                if not problem:
-                    choice[0] = (step, location)
-                    break
-                message = f"checkpoint step {step} at {location} is damaged ({problem}); trying an older one"
-                log.warning(message)
-                print(f"warning: {message}", flush=True)
-        dist.broadcast_object_list(choice, src=0, group=self.group)
-        return choice[0]
+            answer[0] = self._choose()
+        dist.broadcast_object_list(answer, src=0, group=self.group)
+        if isinstance(answer[0], str):
+            raise CheckpointError(answer[0])
+        return answer[0]
 
-    def save(self, step: int, app_state: dict[str, Any], config: dict[str, Any],
+    def _choose(self) -> tuple[int, str, dict[str, Any]] | str | None:
+        damaged = []
+        for step, location in reversed(complete_checkpoints(self.folder)):
+            problem = damage(location)
+            if not problem:
+                return step, location, read_marker(location)
+            damaged.append((location, problem))
+            print(f"warning: checkpoint step {step} at {location} is damaged ({problem}); trying an older one",
+                  flush=True)
+        if not damaged:
+            return None
+        if self.damaged == "stop":
+            listed = "; ".join(f"{location}: {problem}" for location, problem in damaged)
+            return (f"every checkpoint is damaged ({listed}); restore them, or pass "
+                    f"checkpoint.damaged=start_over to set them aside and train from step 0")
+        for location, _ in damaged:
+            self.fs.mv(self._path(location), self._path(location) + ".damaged", recursive=True)
+        print(f"checkpoint.damaged=start_over: {len(damaged)} damaged checkpoint(s) set aside as *.damaged; "
+              f"training from step 0", flush=True)
+        return None
+
+    def save(self, step: int, app_state: dict[str, Any], meta: dict[str, Any],
              rank0_files: Callable[[str], None] | None = None,
              every_rank_files: Callable[[Path], None] | None = None) -> None:
-        """Saves a checkpoint; `rank0_files(location)` lets rank 0 add files of its own (the ledger),
-        `every_rank_files(folder)` every rank (an engine's collective save into a local folder,
-        e.g. DeepSpeed's)."""
+        """Saves a checkpoint with `meta` in its marker; `rank0_files(location)` lets rank 0 add files
+        of its own (the ledger), `every_rank_files(folder)` every rank (an engine's collective save
+        into a local folder, e.g. DeepSpeed's)."""
         self.wait()
         tmp = join(self.folder, f"step-{step:07d}.tmp")
         if self.rank == 0:
@@ -193,7 +234,7 @@ class Checkpointer:
             torch.save(rng_state(), fh)
         if every_rank_files:
             every_rank_files(Path(tmp))
-        meta = {"step": step, "world_size": dist.get_world_size(), "config": config, "time": time.time()}
+        meta = {"step": step, "world_size": dist.get_world_size(), **meta, "time": time.time()}
         if self.async_save:
             future = dcp.async_save(app_state, checkpoint_id=tmp, process_group=self.group)
             self._pending = (future, step, tmp, meta)
@@ -222,7 +263,6 @@ class Checkpointer:
                 fh.write(json.dumps({**meta, "files": file_digests(final)}, indent=1))
             for _, old in complete_checkpoints(self.folder)[: -self.keep_last]:
                 self.fs.rm(self._path(old), recursive=True)
-            log.info("checkpoint saved: %s", final)
         dist.barrier(group=self.group)
 
     def load(self, location: str, app_state: dict[str, Any]) -> dict[str, Any]:

@@ -114,6 +114,8 @@ class TrainConfig:
     # | auto (the fewest blocks that let a micro-batch fit the GPU, by the cost model's memory estimate)
     activation_checkpointing: bool | int | str = False
     compile: bool | Literal["auto"] = "auto"  # torch.compile RMSNorm, SwiGLU and the q/k/v projections with RoPE; auto: on CUDA
+    nonfinite: Literal["skip", "stop"] = "skip"  # a non-finite loss or gradient norm: skip the update, or stop
+    max_consecutive_skips: int = 5  # skip: stop after this many non-finite steps in a row
     loss_chunk: int = 0  # > 0: cross-entropy this many tokens at a time, gradients formed in forward (not with tp, pp)
 
 
@@ -123,6 +125,7 @@ class CheckpointConfig:
     every: int = 100
     keep_last: int = 3
     async_save: bool = False
+    damaged: Literal["stop", "start_over"] = "stop"  # checkpoints exist but none is intact: stop, or set them aside
 
 
 @dataclass
@@ -218,6 +221,7 @@ def validate(cfg: JobConfig) -> None:
                         ("data.seed", d.seed), ("data.prefetch", d.prefetch), ("optim.weight_decay", o.weight_decay),
                         ("optim.grad_clip", o.grad_clip), ("optim.warmup_steps", o.warmup_steps),
                         ("train.run_steps", t.run_steps), ("train.seed", t.seed), ("train.loss_chunk", t.loss_chunk),
+                        ("train.max_consecutive_skips", t.max_consecutive_skips),
                         ("parallel.sp.ulysses", cfg.parallel.sp.ulysses),
                         ("parallel.sp.tokens_per_gpu", cfg.parallel.sp.tokens_per_gpu),
                         ("parallel.sp.solver_time_s", cfg.parallel.sp.solver_time_s),

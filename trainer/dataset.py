@@ -1,13 +1,64 @@
-"""Read access to a prepared dataset: memory-mapped Arrow IPC shards, zero-copy token slices."""
+"""Read access to a prepared dataset: its manifest, memory-mapped Arrow IPC shards, zero-copy token slices.
+
+A dataset that cannot be read — no manifest, a manifest that is not JSON, a shard that is missing,
+truncated or holds other rows than the manifest says — is a `DatasetError` naming the file, never
+a traceback from deep inside pyarrow.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from trainer.prepare import read_manifest
+MANIFEST = "index.json"
+
+
+class DatasetError(ValueError):
+    """A prepared dataset that cannot be read as it is; its message is one line."""
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise DatasetError(f"{folder} is not a prepared Loom dataset (no {MANIFEST}); run `loom prepare`")
+    again = "prepare the dataset again (loom prepare … --force)"
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise DatasetError(f"{path} is damaged: not valid JSON ({err}); {again}") from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("shards"), list)
+            and isinstance(manifest.get("tokenizer"), dict) and "vocab_size" in manifest["tokenizer"]):
+        raise DatasetError(f"{path} is damaged: no shard list or tokenizer; {again}")
+    return manifest
+
+
+def open_shard(folder: Path, shard: dict) -> tuple[pa.MemoryMappedFile, pa.ipc.RecordBatchFileReader]:
+    """A shard's memory map and Arrow reader, checked against the manifest's row count."""
+    path = folder / shard["file"]
+    try:
+        source = pa.memory_map(str(path), "r")
+        reader = pa.ipc.open_file(source)
+        rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    except FileNotFoundError:
+        raise DatasetError(f"{path} is missing; prepare the dataset again (loom prepare … --force)") from None
+    except (pa.ArrowException, OSError) as err:
+        raise DatasetError(f"{path} is damaged ({str(err).splitlines()[0]}); "
+                           f"prepare the dataset again (loom prepare … --force)") from None
+    if rows != shard["documents"]:
+        raise DatasetError(f"{path} holds {rows:,} documents, its manifest says {shard['documents']:,}; "
+                           f"prepare the dataset again (loom prepare … --force)")
+    return source, reader
+
+
+def check_dataset_files(folder: str | Path) -> dict:
+    """The manifest, after opening every shard it lists (a footer and row-count read each)."""
+    manifest = read_manifest(folder)
+    for shard in manifest["shards"]:
+        open_shard(Path(folder), shard)[0].close()
+    return manifest
 
 
 class TokenDataset:
@@ -25,9 +76,8 @@ class TokenDataset:
         self._offsets: list[np.ndarray] = []  # per record batch: row offsets into _values
         lengths = []
         for shard in self.manifest["shards"]:
-            source = pa.memory_map(str(self.folder / shard["file"]), "r")
+            source, reader = open_shard(self.folder, shard)
             self._maps.append(source)
-            reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):
                 batch = reader.get_batch(i)
                 tokens = batch.column("tokens")

@@ -29,6 +29,10 @@ from trainer.config import JobConfig
 from trainer.optim import Schedules, build_optimizer, build_scheduler
 
 
+class NonFiniteError(RuntimeError):
+    """A step whose loss or gradients are not finite, where training cannot go on; one line."""
+
+
 class Engine(ABC):
     parts: list[nn.Module]
 
@@ -44,8 +48,16 @@ class Engine(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def step(self) -> torch.Tensor | float:
-        """Clips, updates the weights and the LR schedule; returns the gradient norm before clipping."""
+    def clip(self) -> torch.Tensor | float:
+        """Clips the step's gradients; returns their global norm before clipping."""
+
+    @abstractmethod
+    def update(self) -> None:
+        """Applies the step's gradients to the weights and advances the LR schedule."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Drops the step's gradients without touching the weights (a non-finite step)."""
 
     @abstractmethod
     def lr(self) -> float: ...
@@ -68,7 +80,7 @@ class FSDPEngine(Engine):
         self.schedules = Schedules([build_scheduler(o, cfg.optim, cfg.train.max_steps) for o in self.optimizers])
 
     def before_microbatch(self, last: bool) -> None:
-        for part in self.parts:
+        for part in self.parts:  # gradients are reduced once per step, at its last micro-batch
             part.set_requires_gradient_sync(last)
             if self.dims.layout.adaptive:  # keep weights gathered until this rank's last backward
                 part.set_reshard_after_backward(last)
@@ -76,14 +88,19 @@ class FSDPEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self) -> torch.Tensor:
+    def clip(self) -> torch.Tensor:
         params = [p for part in self.parts for p in part.parameters()]
-        norm = clip_grad_norm(params, self.grad_clip, self.dims.group("pp") if self.dims.layout.pp > 1 else None)
+        return clip_grad_norm(params, self.grad_clip, self.dims.group("pp") if self.dims.layout.pp > 1 else None)
+
+    def update(self) -> None:
         for optimizer in self.optimizers:
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        self.discard()
         self.schedules.step()
-        return norm
+
+    def discard(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def lr(self) -> float:
         return self.schedules.last_lr()
@@ -134,9 +151,16 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()  # DeepSpeed steps optimizer and schedule itself at the step's last micro-batch
 
-    def step(self) -> float:
-        norm = self.engine.get_global_grad_norm()
+    def clip(self) -> float:
+        norm = self.engine.get_global_grad_norm()  # (DeepSpeed clipped and stepped at the last micro-batch)
         return float(norm) if norm is not None else 0.0
+
+    def update(self) -> None:
+        """DeepSpeed has applied the step already."""
+
+    def discard(self) -> None:
+        raise NonFiniteError("DeepSpeed applied a non-finite step to the weights before Loom could skip it; "
+                             "resume from the newest checkpoint with a lower optim.lr")
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])

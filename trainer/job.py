@@ -12,13 +12,13 @@ launcher finds it (this machine for an embedded cluster, a probe of a remote one
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from parallel.choices import CUDA_BACKENDS, AttentionBackendName, fastest_backend
 from parallel.layout import Layout, largest_ulysses, ring_and_ulysses
 from parallel.planner.cost_model import CostModel
 from parallel.planner.hardware import HardwareProfile, UnknownProfile, named_profile
-from trainer.config import ConfigError, JobConfig, ModelConfig
+from trainer.config import ConfigError, JobConfig, ModelConfig, config_from_dict
 
 Precision = Literal["fp32", "bf16"]
 
@@ -142,12 +142,12 @@ def check_layout(cfg: JobConfig, world: int | None = None) -> Layout:
 
 
 def check_dataset(cfg: JobConfig) -> dict:
-    """The dataset's manifest, after checking that the model can train on it."""
-    from trainer.prepare import read_manifest
+    """The dataset's manifest, after checking that its files read and that the model can train on it."""
+    from trainer.dataset import DatasetError, check_dataset_files
 
     try:
-        manifest = read_manifest(cfg.data.path)
-    except FileNotFoundError as err:
+        manifest = check_dataset_files(cfg.data.path)
+    except DatasetError as err:
         raise ConfigError(f"data.path: {err}") from None
     vocab = manifest["tokenizer"]["vocab_size"]
     _require(cfg.model.vocab_size >= vocab, f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's "
@@ -177,7 +177,9 @@ def recomputed_blocks(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> in
         return n if setting else 0
     if isinstance(setting, int):
         return setting
-    return cost_model(cfg, layout, hw).blocks_to_recompute(cfg.data.tokens_per_microbatch // layout.sp, layout.dp * layout.sp)
+    return cost_model(cfg, layout, hw).blocks_to_recompute(cfg.data.tokens_per_microbatch // layout.sp,
+                                                          layout.dp * layout.sp,
+                                                          cfg.train.global_microbatches // layout.dp)
 
 
 def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
@@ -195,7 +197,6 @@ def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
 def resolve(cfg: JobConfig, target: Target, world: int | None = None) -> Job:
     """Every decision of a run on `world` workers (default: cluster.workers) of `target`'s device."""
     layout = check_layout(cfg, world)
-    check_dataset(cfg)
     backend = cfg.model.attention_backend
     if backend == "auto":
         backend = fastest_backend(target.device)
@@ -204,5 +205,61 @@ def resolve(cfg: JobConfig, target: Target, world: int | None = None) -> Job:
     hw = hardware(cfg, target)
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if target.device == "cuda" else "fp32")
     compile_ = cfg.train.compile if cfg.train.compile != "auto" else target.device == "cuda"
-    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), recomputed_blocks(cfg, layout, hw),
-               adaptive_budget(cfg, layout, hw))
+    recomputed = recomputed_blocks(cfg, layout, hw)
+    if target.device == "cuda" and not layout.adaptive:
+        check_memory(cfg, layout, hw, recomputed)
+    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), recomputed, adaptive_budget(cfg, layout, hw))
+
+
+def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, recomputed: int) -> None:
+    """The largest micro-batch must fit a GPU by the cost model's memory estimate (its share per
+    rank, with the blocks the job recomputes); else one line naming it and what it needs."""
+    n, tokens = cfg.model.n_layers, cfg.data.tokens_per_microbatch
+    cost = replace(cost_model(cfg, layout, hw), recomputed=recomputed / n)
+    shard = layout.dp * layout.sp
+    per_rank = tokens // layout.sp
+    need = (cost.state_bytes(shard, microbatches=cfg.train.global_microbatches // layout.dp) / (layout.tp * layout.pp)
+            + cost.activation_bytes(per_rank) / layout.tp) / 2**30
+    _require(need <= hw.gpu_memory_gb, f"a micro-batch of {tokens:,} tokens ({per_rank:,} per GPU) needs {need:.1f} GB "
+             f"on each GPU with {recomputed} of {n} blocks recomputed; the GPUs hold {hw.gpu_memory_gb:.1f} GB: "
+             f"recompute more (train.activation_checkpointing=auto), lower data.tokens_per_microbatch or raise "
+             f"parallel.sp.degree")
+
+
+def check_resumable(cfg: JobConfig, data_fingerprint: str, location: str, marker: dict[str, Any]) -> None:
+    """A checkpoint resumes only into the model it holds and onto the sample stream it left."""
+    from trainer.checkpoint import CheckpointError
+
+    saved = config_from_dict(marker["config"]).model
+    if saved.shape != cfg.model.shape or saved.layer_kinds() != cfg.model.layer_kinds():
+        changed = ", ".join(f"model.{k}={getattr(saved, k)} (now {getattr(cfg.model, k)})"
+                            for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                                      "tie_embeddings", "window", "layer_pattern") if getattr(saved, k) != getattr(cfg.model, k))
+        raise CheckpointError(f"{location} holds another model: {changed}; resume it with its own model "
+                              f"config, or train this one under another name")
+    if marker.get("data", data_fingerprint) != data_fingerprint:
+        raise CheckpointError(f"{location} was trained on other data or packing (data.path, context_len, "
+                              f"tokens_per_microbatch, bucket_edges or seed differ); an exact resume is impossible: "
+                              f"restore them, or train under another name")
+
+
+def check_resume(cfg: JobConfig) -> None:
+    """Before any worker starts: the run's newest checkpoint, if any, holds this config's model and
+    continues this config's sample stream (the trainer checks again on the checkpoint it loads)."""
+    from trainer.checkpoint import complete_checkpoints, read_marker
+    from trainer.dataset import read_manifest
+    from trainer.sampler import PackedSampler
+    from trainer.stats import read_lengths
+
+    found = complete_checkpoints(cfg.checkpoint_folder)
+    if not found:
+        return
+    location = found[-1][1]
+    try:
+        marker = read_marker(location)
+    except (OSError, ValueError):
+        return  # a damaged marker: the trainer falls back to an older checkpoint and says so
+    d = cfg.data
+    stream = PackedSampler(read_lengths(d.path), d.context_len, d.tokens_per_microbatch, cfg.train.global_microbatches,
+                           d.seed, d.bucket_edges, read_manifest(d.path)["source"]["fingerprint"])
+    check_resumable(cfg, stream.fingerprint, location, marker)

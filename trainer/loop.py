@@ -8,12 +8,15 @@ work on this rank (`trainer.work` or `trainer.adaptive_work`), a runner for its 
 1. the loader hands over this rank's micro-batches (read ahead by a thread);
 2. the work producer shards them for sequence parallelism and counts the step's labels;
 3. the runner runs forward and backward with the loss scaled by dp × sp / that count;
-4. the engine clips and updates; one all-reduce collects the step's figures for the log;
-5. every `checkpoint.every` steps, and at the end, a checkpoint.
+4. the engine clips; one all-reduce collects the step's figures (the step's one host
+   synchronisation); a step whose loss or gradient norm is not finite is skipped or stops the
+   run (`train.nonfinite`), any other updates the weights;
+5. every `checkpoint.every` steps, and at the end, a checkpoint — never of non-finite weights.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -31,8 +34,8 @@ from trainer.adaptive_work import AdaptiveWork
 from trainer.checkpoint import Checkpointer
 from trainer.config import dump_config
 from trainer.dataset import TokenDataset
-from trainer.engine import DeepSpeedEngine, Engine, FSDPEngine
-from trainer.job import Job
+from trainer.engine import DeepSpeedEngine, Engine, FSDPEngine, NonFiniteError
+from trainer.job import Job, check_resumable
 from trainer.ledger import Ledger
 from trainer.loader import StepLoader
 from trainer.metrics import MetricsWriter, log0, peak_memory_gb, plot_loss
@@ -74,7 +77,7 @@ class Trainer:
         self.rank = dist.get_rank()
         self.dims = dims = ParallelDims(job.layout, self.device)
         self.dtype = DTYPES[job.precision]
-        self.backend = select_backend(job.attention_backend, self.device)
+        self.backend = select_backend(job.attention_backend, self.device, job.hardware.dense_min_tokens)
         self.stages, self.parts = self.build_model()
         self.engine = self.build_engine()
         precision = Precision(self.dtype, self.device, tensor_parallel=dims.layout.tp > 1)
@@ -97,7 +100,7 @@ class Trainer:
         self.progress = Progress()
         self.ledger = Ledger()
         self.checkpointer = Checkpointer(cfg.checkpoint_folder, cfg.checkpoint.keep_last, dims.checkpoint_group,
-                                         cfg.checkpoint.async_save)
+                                         cfg.checkpoint.async_save, cfg.checkpoint.damaged)
 
     def build_model(self) -> tuple[list[int], list[Transformer]]:
         """The pipeline stages this rank runs and their model parts, made parallel."""
@@ -129,7 +132,8 @@ class Trainer:
         latest = self.checkpointer.latest()
         if latest is None:
             return 0
-        step, path = latest
+        step, path, marker = latest
+        check_resumable(self.cfg, self.loader.sampler.fingerprint, path, marker)
         self.checkpointer.load(path, self.app_state())
         self.engine.load_files(Path(path))
         self.ledger = Ledger.load(path)
@@ -137,7 +141,15 @@ class Trainer:
         return step
 
     def save(self) -> None:
-        self.checkpointer.save(self.progress.step, self.app_state(), self.cfg.to_dict(), self.ledger.save,
+        """A checkpoint of this step — refused, keeping the older ones, if any weight is not finite."""
+        checks = [torch.isfinite(local(p)).all() for part in self.parts for p in part.parameters()]
+        finite = torch.stack(checks).all().float().cpu().reshape(1)  # (one device sync; the group is gloo)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.dims.checkpoint_group)
+        if not finite.item():
+            raise NonFiniteError(f"the weights are not finite after step {self.progress.step}: no checkpoint "
+                                 f"was written and the older ones are kept")
+        meta = {"config": self.cfg.to_dict(), "data": self.loader.sampler.fingerprint}
+        self.checkpointer.save(self.progress.step, self.app_state(), meta, self.ledger.save,
                                every_rank_files=self.engine.save_files)
 
     # ------------------------------------------------------------------ one step
@@ -148,7 +160,7 @@ class Trainer:
         work = self.work(batches)
         lr = self.engine.lr()  # the rate of this step (engines step their schedules at its end)
         loss_sum = self.runner(work.items, loss_scale=dims.layout.dp * dims.layout.sp / work.labels)
-        norm = self.engine.step()
+        norm = self.engine.clip()
         first = dims.tp_rank == 0 and dims.pp_rank == 0
         last = dims.tp_rank == 0 and (dims.layout.pp == 1 or self.runner.last)
         # the step's one host synchronisation: its figures, summed over ranks, for the log
@@ -158,8 +170,23 @@ class Trainer:
         figures[3] = torch.as_tensor(norm, dtype=torch.float64).to(self.device) * (self.rank == 0)
         dist.all_reduce(figures)  # (the norm is global already: rank 0's copy is kept)
         loss, tokens, flops, grad_norm = figures.tolist()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # every rank sees the same figures
+        if finite:
+            self.engine.update()
+        else:
+            self.engine.discard()
         return {"loss": loss / work.labels, "tokens": int(tokens), "flops": flops, "grad_norm": grad_norm,
-                "lr": lr, **work.info}
+                "lr": lr, "skipped": not finite, **work.info}
+
+    def nonfinite(self, result: dict[str, Any], in_a_row: int) -> None:
+        """A step whose loss or gradient norm is not finite: its update was skipped; stop if told to."""
+        t = self.cfg.train
+        what = f"step {self.progress.step}: the loss is {result['loss']} and the gradient norm {result['grad_norm']}"
+        if t.nonfinite == "stop" or in_a_row > t.max_consecutive_skips:
+            why = "train.nonfinite=stop" if t.nonfinite == "stop" else f"{in_a_row} such steps in a row"
+            raise NonFiniteError(f"{what}; stopped ({why}) without applying it, the newest checkpoint kept; "
+                                 f"lower optim.lr or look at the data, then run again")
+        log0(f"warning: {what}; its update is skipped ({in_a_row} in a row; at most {t.max_consecutive_skips})")
 
     # ------------------------------------------------------------------ the run
 
@@ -177,7 +204,7 @@ class Trainer:
         writer = MetricsWriter(cfg.run_path, start, cfg.train.max_steps, cfg.train.log_every) if self.rank == 0 else None
         stop_at = cfg.train.max_steps if not cfg.train.run_steps else min(cfg.train.max_steps, start + cfg.train.run_steps)
         peak = job.peak_tflops
-        losses = []
+        losses, skipped = [], 0
         try:
             while self.progress.step < stop_at:
                 t0 = time.perf_counter()
@@ -190,14 +217,19 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 self.progress.step += 1
                 self.ledger.record(self.progress.step, self.loader.step_pieces)
+                skipped = skipped + 1 if result["skipped"] else 0
+                if skipped:
+                    self.nonfinite(result, skipped)
                 losses.append(result["loss"])
                 flops_per_device = result["flops"] / dist.get_world_size()
                 record = {
                     "step": self.progress.step, "loss": result["loss"], "tokens": result["tokens"],
                     "tokens_per_s": result["tokens"] / elapsed,
+                    "fill": result["tokens"] / (cfg.train.global_microbatches * cfg.data.tokens_per_microbatch),
                     "mfu": flops_per_device / elapsed / (peak * 1e12) if peak else None,
                     "peak_mem_gb": peak_memory_gb(self.device), "data_wait_frac": self.loader.wait_s / elapsed,
                     "lr": result["lr"], "grad_norm": result["grad_norm"], "step_time_s": elapsed,
+                    "skipped": result["skipped"],
                     **{k: result[k] for k in ("sp_groups", "predicted_s", "solve_s", "plan_gap") if k in result},
                 }
                 if writer:
@@ -218,6 +250,11 @@ class Trainer:
         plot = plot_loss(cfg.run_path) if self.rank == 0 and losses else None
         return {"start_step": start, "step": self.progress.step, "max_steps": cfg.train.max_steps,
                 "losses": losses, "loss_plot": str(plot) if plot else None}
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (DTensor) parameter."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def train(job: Job) -> dict[str, Any]:

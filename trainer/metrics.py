@@ -1,8 +1,10 @@
 """Step metrics: memory, the run's metrics.jsonl, TensorBoard, console lines and the loss plot.
 
-metrics.jsonl holds one JSON object per step (`step`, `loss`, `tokens`, `tokens_per_s`, `mfu`,
-`peak_mem_gb`, `data_wait_frac`, `lr`, `grad_norm`, `step_time_s`). On resume the lines after
-the resumed step are dropped, so the file always describes one consistent history.
+metrics.jsonl holds one JSON object per step (`step`, `loss`, `tokens`, `tokens_per_s`, `fill` —
+tokens over the step's token budget —, `mfu`, `peak_mem_gb`, `data_wait_frac`, `lr`, `grad_norm`,
+`step_time_s`, `skipped`, …). On resume the lines after
+the resumed step are dropped, so the file always describes one consistent history; a line cut
+short by a crash is repaired away, and a run that starts over keeps the old file beside it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +34,12 @@ class MetricsWriter:
         self.total_steps = total_steps
         self.log_every = log_every
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resumed_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            records = _records(self.path.read_text())
+            if records and resumed_step == 0:  # a run started over: the earlier history is kept beside
+                self.path.rename(self.path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+            else:
+                kept = [json.dumps(r) for r in records if r["step"] <= resumed_step]
+                self.path.write_text("".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
         from torch.utils.tensorboard import SummaryWriter
 
@@ -58,18 +64,30 @@ def format_line(r: dict[str, Any], total_steps: int) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
     line = (f"step {r['step']:>5}/{total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
             f"grad {r['grad_norm']:.2f} | {r['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
-            f"mem {r['peak_mem_gb']:.2f} GB | data wait {100 * r['data_wait_frac']:.1f}%")
+            f"mem {r['peak_mem_gb']:.2f} GB | fill {100 * r['fill']:.0f}% | "
+            f"data wait {100 * r['data_wait_frac']:.1f}%")
     if "sp_groups" in r:
         line += (f" | groups {r['sp_groups']} | predicted {r['predicted_s']:.3f} s vs {r['step_time_s']:.3f} s"
                  f" | solve {1e3 * r['solve_s']:.0f} ms")
     return line
 
 
+def _records(text: str) -> list[dict[str, Any]]:
+    """The step records of a metrics.jsonl; a line cut short by a crash mid-write is left out."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def read_metrics(run_path: Path) -> list[dict[str, Any]]:
     path = Path(run_path) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return _records(path.read_text()) if path.exists() else []
 
 
 def plot_loss(run_path: Path) -> Path | None:

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from trainer.tokenizer import Tokenizer, load_tokenizer
+from trainer.dataset import MANIFEST, DatasetError, read_manifest
+from trainer.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
-MANIFEST = "index.json"
 FORMAT_VERSION = 1
 SCHEMA = pa.schema([
     ("tokens", pa.list_(pa.int32())),
@@ -62,9 +62,13 @@ def _decode(raw: bytes, source: str) -> RawDocument:
         return RawDocument(source, None, "undecodable")
 
 
-def _folder_files(root: Path, opts: SourceOptions) -> list[Path]:
+def _folder_files(root: Path, opts: SourceOptions, out: Path | None) -> list[Path]:
+    """The files of a folder that the globs select, leaving out the dataset being written into it
+    (`out` and its temporary siblings) when OUT lies inside SRC."""
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
+        if out is not None:
+            dirnames[:] = [d for d in dirnames if not _is_output(Path(dirpath) / d, out)]
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -92,32 +96,36 @@ def _read_jsonl(path: Path, key: str) -> Iterator[RawDocument]:
             yield RawDocument(where, text, "") if isinstance(text, str) else RawDocument(where, None, "no_text")
 
 
+def _is_output(path: Path, out: Path) -> bool:
+    return path.resolve() == out.resolve() or (path.parent.resolve() == out.parent.resolve()
+                                               and path.name.startswith(f".{out.name}."))
+
+
 def _read_parquet(path: Path, key: str) -> Iterator[RawDocument]:
     file = pq.ParquetFile(path)
-    for batch_start, batch in _parquet_batches(file, key):
-        for i, text in enumerate(batch.column(0).to_pylist()):
-            where = f"{path}:{batch_start + i}"
-            yield RawDocument(where, text) if isinstance(text, str) else RawDocument(where, None, "no_text")
-
-
-def _parquet_batches(file: pq.ParquetFile, key: str) -> Iterator[tuple[int, pa.RecordBatch]]:
     start = 0
-    for batch in file.iter_batches(columns=[key], batch_size=1024):
-        yield start, batch
-        start += batch.num_rows
+    for group in range(file.num_row_groups):
+        try:
+            texts = file.read_row_group(group, columns=[key]).column(0).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise PrepareError(f"{path}: row group {group} cannot be read ({str(err).splitlines()[0]})") from None
+        for i, text in enumerate(texts):
+            where = f"{path}:{start + i}"
+            yield RawDocument(where, text) if isinstance(text, str) else RawDocument(where, None, "no_text")
+        start += len(texts)
 
 
 class Source:
     """A validated source path and how to iterate its documents."""
 
-    def __init__(self, path: str | Path, opts: SourceOptions):
+    def __init__(self, path: str | Path, opts: SourceOptions, out: Path | None = None):
         self.path = Path(path)
         self.opts = opts
         if not self.path.exists():
             raise PrepareError(f"source not found: {self.path}")
         if self.path.is_dir():
             self.kind = "folder"
-            self.files = _folder_files(self.path, opts)
+            self.files = _folder_files(self.path, opts, out)
             if not self.files:
                 raise PrepareError(f"no files in {self.path} match --include {' '.join(opts.include)}")
         elif self.path.suffix == ".jsonl":
@@ -223,15 +231,10 @@ class ShardWriter:
             self._close_shard()
 
 
-def read_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a prepared Loom dataset (no {MANIFEST}); run `loom prepare`")
-    return json.loads(path.read_text())
-
-
 def _clean_stale(out: Path) -> None:
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+    """Removes what an interrupted `loom prepare` of OUT left behind: its temporary folder, or the
+    old dataset it was swapping out (their process no longer runs)."""
+    for stale in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
         pid = stale.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
             shutil.rmtree(stale, ignore_errors=True)
@@ -243,20 +246,31 @@ def prepare(src: str | Path, out: str | Path, tokenizer_spec: str = "bytes",
     """Tokenizes SRC into the dataset folder OUT; returns the manifest."""
     opts = opts or SourceOptions()
     out = Path(out)
-    source = Source(src, opts)
-    tokenizer = load_tokenizer(tokenizer_spec)
+    if tokens_per_shard <= 0:
+        raise PrepareError(f"--tokens-per-shard must be positive, got {tokens_per_shard}")
+    source = Source(src, opts, out)
+    try:
+        tokenizer = load_tokenizer(tokenizer_spec)
+    except TokenizerError as err:
+        raise PrepareError(str(err)) from None
     fingerprint = source.fingerprint(tokenizer)
+    if out.parent.is_dir():
+        _clean_stale(out)
     if out.exists():
         if not (out / MANIFEST).is_file():
             raise PrepareError(f"{out} exists and is not a Loom dataset; choose another output path")
-        old = read_manifest(out)
+        try:
+            old = read_manifest(out)
+        except DatasetError as err:
+            if not force:
+                raise PrepareError(f"{err}; pass --force to replace it") from None
+            old = {}
         if old.get("source", {}).get("fingerprint") == fingerprint and not force:
             old["up_to_date"] = True
             return old
         if not force:
             raise PrepareError(f"{out} holds a dataset prepared from other input; pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     started = time.time()
@@ -265,7 +279,8 @@ def prepare(src: str | Path, out: str | Path, tokenizer_spec: str = "bytes",
         skipped: Counter[str] = Counter()
         total, unit = source.total()
         with tqdm(total=total, unit=unit, unit_scale=unit == "B", desc="prepare",
-                  disable=not show_progress, dynamic_ncols=True) as bar:
+                  disable=None if show_progress else True,  # None: on terminals only
+                  dynamic_ncols=True) as bar:
             pending: list[RawDocument] = []
             for doc in source.documents(bar):
                 if doc.text is None:

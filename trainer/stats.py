@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from trainer.prepare import read_manifest
+from trainer.dataset import open_shard, read_manifest
 
 
 def read_lengths(folder: str | Path) -> np.ndarray:
@@ -17,9 +16,9 @@ def read_lengths(folder: str | Path) -> np.ndarray:
     folder = Path(folder)
     parts = []
     for shard in read_manifest(folder)["shards"]:
-        with pa.memory_map(str(folder / shard["file"]), "r") as source:
-            table = pa.ipc.open_file(source).read_all().select(["length"])
-            parts.append(table.column("length").to_numpy())
+        source, reader = open_shard(folder, shard)
+        with source:
+            parts.append(reader.read_all().select(["length"]).column("length").to_numpy())
     return np.concatenate(parts).astype(np.int64)
 
 

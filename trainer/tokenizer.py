@@ -43,6 +43,10 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded; its message is one line."""
+
+
 class HFTokenizer:
     """A local `tokenizer.json` through the `tokenizers` package; an end-of-text token is appended."""
 
@@ -52,7 +56,10 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tokenizer
 
         self.path = Path(path)
-        self._tok = _Tokenizer.from_file(str(self.path))
+        try:
+            self._tok = _Tokenizer.from_file(str(self.path))
+        except Exception as err:  # noqa: BLE001 - the tokenizers package raises plain Exceptions
+            raise TokenizerError(f"{path} is not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
         self.name = f"hf:{self.path.name}"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -76,5 +83,5 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return ByteTokenizer()
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {spec}")
+        raise TokenizerError(f"tokenizer file not found: {spec}")
     return HFTokenizer(path)
