@@ -16,8 +16,12 @@ so each optimisation's gain is visible on the same machine:
   against the static SP of `loom` on the same batches; meaningful with `--data` of uneven lengths.
 
 `--data DIR` trains on a prepared dataset (e.g. the stdlib corpus of `make demo`, long-tailed)
-instead of random documents of exactly `--seq` tokens; `--seq` is then the context and the
-micro-batch budget, and `--microbatches` the micro-batches per step.
+and `--lengths FILE` on random documents with the lengths of a corpus (one integer per line, e.g.
+`../shared/data/flexsp_wikipedia_lengths.txt.gz`), instead of random documents of exactly `--seq`
+tokens; `--seq` is then the context and the micro-batch budget, and `--microbatches` the
+micro-batches per step. Next to each measurement: the cost model's time for the very documents of
+the timed steps (`predicted_step_s`), `loom plan`'s prediction for the layout from the corpus's
+length histogram (`planner_step_s`, `predicted_mem_gb`), and the packing's fill.
 
 MFU counts model FLOPs (matmuls, causal attention; no recompute) against 989 TFLOP/s (H100/H200
 dense bf16). `--profile DIR` writes a torch.profiler summary of two `loom` steps.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import gzip
 import json
 import os
 import random
@@ -41,6 +46,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -81,15 +87,24 @@ class SdpaWork(StaticWork):
         return batch, Mixers(attend)
 
 
-def random_dataset(folder: Path, seq: int, documents: int) -> Path:
-    """Arrow shards of `documents` documents of exactly `seq` tokens (seq − 1 bytes and the EOS)."""
+def random_dataset(folder: Path, lengths: list[int]) -> Path:
+    """Arrow shards of documents of these lengths in byte tokens (n − 1 random letters and the EOS)."""
     rng = random.Random(0)
     source = folder / "random.jsonl"
     with source.open("w") as f:
-        for _ in range(documents):
-            f.write(json.dumps({"text": "".join(rng.choices(string.ascii_letters + " ", k=seq - 1))}) + "\n")
+        for n in lengths:
+            f.write(json.dumps({"text": "".join(rng.choices(string.ascii_letters + " ", k=max(1, n - 1)))}) + "\n")
     prepare(source, folder / "data", show_progress=False)
     return folder / "data"
+
+
+def corpus_lengths(path: str, tokens: int) -> list[int]:
+    """Documents drawn (seeded) from a file of lengths until they hold `tokens` tokens."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as fh:
+        pool = np.array(fh.read().split(), dtype=np.int64)
+    drawn = np.random.default_rng(0).choice(pool, size=max(1, int(2 * tokens / pool.mean())))
+    return drawn[: int(np.searchsorted(np.cumsum(drawn), tokens)) + 1].tolist()
 
 
 def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) -> dict:
@@ -105,14 +120,15 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
     trainer = Trainer(job)
     if name == "sdpa":
         trainer.work = SdpaWork(job.cfg, trainer.dims, trainer.backend, trainer.device, pipelined=False)
-    times, records = [], []
+    times, records, steps = [], [], []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             reset_peak_memory()
-        elapsed, result = timed_step(trainer)
+        elapsed, result, batches = timed_step(trainer)
         if step >= args.warmup:
             times.append(elapsed)
             records.append(result)
+            steps.append([b.doc_lengths() for b in batches])
     if args.profile and name == "loom":
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if CUDA else [])
         with torch.profiler.profile(activities=activities) as profiler:
@@ -130,13 +146,16 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
         "dp": args.dp, "sp": args.sp, "sp_method": args.sp_method if args.sp > 1 else None,
         "attention_backend": "sdpa" if name == "sdpa" else trainer.backend.name, "compiled": job.compile,
         "blocks_recomputed": job.recomputed_blocks, "loss_chunk": args.loss_chunk,
-        "data": args.data or f"random, {args.seq:,}-token documents",
+        "data": args.data or (f"random text, lengths of {Path(args.lengths).name}" if args.lengths
+                              else f"random, {args.seq:,}-token documents"),
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / sum(times)),
         "tokens_per_s_per_gpu": round(tokens / sum(times) / world),
         "mfu": round(flops / world / sum(times) / (peak * 1e12), 4) if peak else None,
         "peak_mem_gb": round(peak_mem.item(), 2), "loss": round(records[-1]["loss"], 4),
+        "fill": round(tokens / (len(records) * args.seq * (args.microbatches or args.dp)), 4),
+        "step_documents": steps,  # rank 0's micro-batches of the timed steps, as document lengths
         "steps_timed": len(times), "overrides": args.set,
-        **predicted(trainer, args, records),
+        **predicted(trainer, args, data, records, steps),
     }
     trainer.loader.close()
     del trainer
@@ -147,34 +166,40 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
 CUDA = torch.cuda.is_available()
 
 
-def predicted(trainer: Trainer, args: argparse.Namespace, records: list[dict]) -> dict:
-    """What `loom plan` predicts for this very layout (its cost and memory model, `cluster.profile`);
-    for adaptive SP, the mean of the per-step plans' predictions."""
+def predicted(trainer: Trainer, args: argparse.Namespace, data: Path, records: list[dict],
+              steps: list[list[list[int]]]) -> dict:
+    """The cost model's time for the documents of the timed steps, and what `loom plan` predicts for
+    this very layout from the corpus's histogram (time and memory); for adaptive SP, the mean of the
+    per-step plans' predictions."""
     if isinstance(trainer.work, AdaptiveWork):
         return {"predicted_step_s": round(statistics.mean(r["predicted_s"] for r in records), 4)}
     job = trainer.job
     hw = job.hardware
     gpus = args.dp * args.sp
-    lengths = TokenDataset(args.data).lengths if args.data else [args.seq]
+    cost = replace(job.cost_model(), recomputed=job.recomputed_blocks / job.model.n_layers)
+    per_step = [sum(cost.microbatch_time(mb, args.sp) for mb in step) + cost.step_fixed_time(gpus) for step in steps]
+    lengths = TokenDataset(data).lengths
     search = PlanSearch(job.model.shape, Cluster(1, replace(hw, gpus_per_node=gpus)),
                         Histogram.from_lengths(lengths, args.seq), args.seq * (args.microbatches or args.dp))
     layout = Candidate(args.dp, 1, 1, args.sp, args.sp_method, "static", args.seq,
                        recomputed=job.recomputed_blocks / job.model.n_layers)
     step_s, _, _ = search.static_time(layout)
-    return {"predicted_step_s": round(step_s, 4), "predicted_mem_gb": round(search.memory_gb(layout), 2),
-            "profile": hw.name}
+    return {"predicted_step_s": round(statistics.mean(per_step), 4), "planner_step_s": round(step_s, 4),
+            "predicted_mem_gb": round(search.memory_gb(layout), 2), "profile": hw.name}
 
 
-def timed_step(trainer: Trainer) -> tuple[float, dict]:
-    """Seconds of one `train_step` (all ranks start together, the device drained at both ends)."""
+def timed_step(trainer: Trainer) -> tuple[float, dict, list]:
+    """Seconds of one `train_step` (all ranks start together, the device drained at both ends),
+    its figures and this rank's micro-batches."""
+    batches = trainer.loader.next_step()
     dist.barrier()
     if CUDA:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    result = trainer.train_step(trainer.loader.next_step())
+    result = trainer.train_step(batches)
     if CUDA:
         torch.cuda.synchronize()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, result, batches
 
 
 def reset_peak_memory() -> None:
@@ -232,6 +257,7 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=1)
     parser.add_argument("--sp-method", default="ring")
     parser.add_argument("--data", default="", help="a prepared dataset instead of random documents of --seq tokens")
+    parser.add_argument("--lengths", default="", help="random documents with the lengths of this file (.txt or .gz)")
     parser.add_argument("--microbatches", type=int, default=0, help="micro-batches per step over all replicas (0: dp)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--checkpointing", default="auto", help="train.activation_checkpointing of every variant")
@@ -245,7 +271,9 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     with tempfile.TemporaryDirectory() as folder:
         if not args.data:
-            random_dataset(Path(folder), args.seq, documents=(args.warmup + args.steps + 3) * args.dp)
+            tokens = (args.warmup + args.steps + 3) * args.seq * (args.microbatches or args.dp)
+            random_dataset(Path(folder), corpus_lengths(args.lengths, tokens) if args.lengths
+                           else [args.seq] * ((args.warmup + args.steps + 3) * (args.microbatches or args.dp)))
         torch.multiprocessing.spawn(worker, (args, free_port(), folder), nprocs=args.dp * args.sp)
 
 

@@ -2,7 +2,9 @@
 
 One group serves CPU tensors over gloo and CUDA tensors over NCCL; it has a timeout, so a
 collective that some rank never joins raises instead of hanging forever, and `collective_guard`
-turns that into one line naming the rank, the operation and the step.
+turns that into one line naming the rank, the operation and the step. Joining also sets the CUDA
+allocator up for micro-batches of varying shape (`ALLOCATOR`), unless the environment (e.g.
+`cluster.env`) says otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+# Expandable segments grow and shrink mappings instead of caching fixed blocks: a real corpus packs
+# micro-batches of other shapes every step, and the default allocator ran out of memory (fragmented)
+# where this fits (H200, 64K tokens, two micro-batches: 105 GB).
+ALLOCATOR = "expandable_segments:True"
 
 
 class CollectiveTimeout(RuntimeError):
@@ -35,6 +43,8 @@ def init_distributed(rank: int, world: int, master_addr: str, master_port: int, 
     raises after `timeout_s` instead of hanging forever."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    if "PYTORCH_ALLOC_CONF" not in os.environ:  # (read when CUDA first allocates, after this)
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR)
     if torch.cuda.is_available():
         backend = "cpu:gloo,cuda:nccl"
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -120,7 +120,8 @@ class SequenceLayout:
             return None
         return BlockMask(_cu(nq, self.device), _cu(nk, self.device), max(nq), max(nk), causal, left, right,
                          _rows(q_ranges, int(self.ring_tokens[rq]), self.device),
-                         _rows(k_ranges, int(self.ring_tokens[rk]), self.device))
+                         _rows(k_ranges, int(self.ring_tokens[rk]), self.device),
+                         q_lengths=tuple(int(n) for n in nq), k_lengths=tuple(int(n) for n in nk))
 
     def _zigzag_mask(self, rq: int, rk: int) -> BlockMask | None:
         oq, ok = self.local_offset[rq], self.local_offset[rk]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.attention import BlockMask, LocalAttention, block_attention, select_backend
+from parallel.attention import AttentionBackend, BlockMask, LocalAttention, block_attention, select_backend
 from parallel.choices import fastest_backend
 
 BACKENDS = ["math", "cpu_flash"]
@@ -104,3 +104,74 @@ def test_unknown_or_unavailable_backend():
     assert select_backend(fastest_backend("cpu"), "cpu").name == "cpu_flash"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         select_backend("cudnn", "cpu")
+
+
+class Counting(AttentionBackend):
+    """A backend that counts its calls — batched ones, sequences, rows — around another (test code)."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.batches, self.calls, self.rows = inner, inner.name, 0, 0, 0
+
+    def forward_batched(self, q, k, v, causal, scale):
+        self.batches += 1
+        return super().forward_batched(q, k, v, causal, scale)
+
+    def forward(self, q, k, v, mask, scale):
+        self.calls += 1
+        self.rows += q.shape[0]
+        return self.inner.forward(q, k, v, mask, scale)
+
+    def backward(self, *args):
+        return self.inner.backward(*args)
+
+
+@pytest.mark.parametrize("lengths, window, groups", [
+    ([40, 33, 9, 5, 1], 0, 2),  # longest first: two dense calls, the short ones one slice
+    ([5, 40, 1, 33, 9, 12], 0, 3),  # interleaved: 40, 33 and 12 alone, the short ones gathered
+    ([3, 2, 7], 0, 0),  # nothing long: all to the packed kernel
+    ([30, 40, 30, 30], 0, 2),  # nothing short: the three of 30 (not adjacent: gathered) in one batched call
+    ([40, 9, 33], 6, 0),  # a window: the packed kernel takes it all
+])
+def test_document_router_equals_one_kernel(lengths, window, groups):
+    """Long documents through the dense kernel (those of one length in one batched call) and the
+    rest through one packed call give the per-document attention of a single kernel: values, lse and
+    q/k/v gradients (fp64, 1e-12)."""
+    from parallel.attention.backends import CpuFlashBackend, MathBackend
+    from parallel.attention.dispatch import DocumentRouter
+
+    dense, packed = Counting(MathBackend()), Counting(CpuFlashBackend())
+    router = DocumentRouter(dense, packed, dense_min=12)
+    q, k, v, cu = inputs(lengths, hq=4, hkv=2)
+    mask = BlockMask.packed(cu, max(lengths), window=window, lengths=tuple(lengths))
+    out = block_attention(q, k, v, router, mask)
+    want = block_attention(q, k, v, MathBackend(), BlockMask.packed(cu, max(lengths), window=window))
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+    for a, b in zip(grads(out, (q, k, v)), grads(want, (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    long = [n for n in lengths if n >= 12] if not window else []
+    assert dense.calls == len(long) and dense.rows == sum(long)
+    assert dense.batches == groups
+    assert packed.calls == (1 if len(long) < len(lengths) else 0)
+    _, lse = router.forward(q.detach(), k.detach(), v.detach(), mask, 0.25)
+    _, want_lse = MathBackend().forward(q.detach(), k.detach(), v.detach(), mask, 0.25)
+    torch.testing.assert_close(lse, want_lse, atol=1e-12, rtol=0)
+
+
+def test_document_router_takes_rectangular_blocks_without_a_causal_mask():
+    """A ring's off-diagonal block: each document's queries see all its keys (non-causal, nq ≠ nk)."""
+    from parallel.attention.backends import MathBackend
+    from parallel.attention.dispatch import DocumentRouter
+
+    nq, nk = [20, 3, 14], [16, 2, 30]
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(sum(nq), 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(sum(nk), 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    cu = lambda n: torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    mask = BlockMask(cu(nq), cu(nk), max(nq), max(nk), causal=False, q_lengths=tuple(nq), k_lengths=tuple(nk))
+    dense = Counting(MathBackend())
+    out = block_attention(q, k, v, DocumentRouter(dense, MathBackend(), dense_min=12), mask)
+    want = block_attention(q, k, v, MathBackend(), BlockMask(cu(nq), cu(nk), max(nq), max(nk), causal=False))
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=0)
+    for a, b in zip(grads(out, (q, k, v)), grads(want, (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert dense.calls == 2

@@ -127,3 +127,13 @@ def test_device_of_the_workers():
     assert _target(auto, gpus=2, probe=lambda: H200) == Target("cpu")  # too few GPUs: CPU workers
     assert _target(auto, gpus=4, probe=lambda: H200) == H200
     assert _target(load_config(DEMO, ["cluster.device=cpu"]), gpus=8, probe=lambda: H200) == Target("cpu")
+
+
+def test_a_micro_batch_that_cannot_fit_is_refused_naming_what_it_needs(small_dataset):
+    base = [f"data.path={small_dataset}", "model=llama-1b-long", "data.context_len=131072",
+            "data.tokens_per_microbatch=131072", "cluster.workers=1", "train.loss_chunk=8192"]
+    with pytest.raises(ConfigError, match=r"a micro-batch of 131,072 tokens \(131,072 per GPU\) needs 1\d\d\.\d GB on "
+                                          r"each GPU with 0 of 16 blocks recomputed; the GPUs hold 139\.8 GB"):
+        resolve(load_config(DEMO, base + ["train.activation_checkpointing=false"]), H200)
+    job = resolve(load_config(DEMO, base + ["train.activation_checkpointing=auto"]), H200)
+    assert 0 < job.recomputed_blocks < 16  # auto recomputes what it must

@@ -92,7 +92,8 @@ class AdaptiveWork:
     def __call__(self, batches: list[PackedBatch]) -> StepWork:
         plan = self.plan(batches)
         step = [b.to(self.device) for b in batches]
-        info = {"sp_groups": plan.describe(), "predicted_s": plan.predicted_s, "solve_s": plan.solve_s,
+        predicted = plan.predicted_s + self.planner.cost.step_fixed_time(len(self.dims.pool()))
+        info = {"sp_groups": plan.describe(), "predicted_s": predicted, "solve_s": plan.solve_s,
                 "plan_gap": plan.gap, "solver": plan.solver}
         labels = float(sum(b.num_labels() for b in batches))
         group = plan.group_of(self.pool_rank)
@@ -107,7 +108,7 @@ class AdaptiveWork:
             lengths += packed.doc_lengths()
             if group.size == 1:
                 items.append((packed, LocalAttention(self.backend, packed.cu_seqlens, packed.max_seqlen,
-                                                     window=window)))
+                                                     window=window, lengths=packed.doc_lengths())))
                 continue
             groups = self.dims.slice_sp_groups(group.start, group.size)
             layout = make_layout(packed.doc_lengths(), groups, window=window, device=self.device)

@@ -2,9 +2,9 @@
 
 The model of a train config runs forward + backward (its loss chunking, compiled element-wise
 regions where the trainer compiles them) on single documents of several lengths;
-a least-squares fit of  t = e + attention_flops(L)/A + linear_flops·L/M  gives the fixed cost
-e of a micro-batch, the attention rate A and the matmul rate M as this model really achieves
-them. With two or more GPUs, a send/recv between two of them gives the link bandwidth; with one,
+a least-squares fit of  t = e + attention_flops(L)/A(L) + linear_flops·L/M  gives the fixed cost
+e of a micro-batch, the attention rates A (cuDNN on documents of `dense_min_tokens` or more, the
+varlen kernel below) and the matmul rate M as this model really achieves them. With two or more GPUs, a send/recv between two of them gives the link bandwidth; with one,
 the preset's value stays (and the file says so). The result is a `HardwareProfile` JSON.
 """
 
@@ -31,7 +31,7 @@ def _time_model(model: Transformer, length: int, backend, device: torch.device, 
     tokens = torch.randint(0, model.cfg.vocab_size, (length,), device=device)
     positions = torch.arange(length, device=device)
     cu = torch.tensor([0, length], dtype=torch.int32, device=device)
-    attend = LocalAttention(backend, cu, length)
+    attend = LocalAttention(backend, cu, length, lengths=[length])
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
@@ -62,15 +62,19 @@ def profile(cfg: JobConfig, lengths: list[int], repeats: int = 3) -> dict:
     model = Transformer(cfg.model).to(device)
     if job.compile:  # time the kernels the trainer runs
         compile_elementwise(model)
-    backend = select_backend(job.attention_backend, device)
+    backend = select_backend(job.attention_backend, device, job.hardware.dense_min_tokens)
     cost = CostModel(cfg.model.shape, base)
     measured = [_time_model(model, n, backend, device, dtype, repeats, cfg.train.loss_chunk) for n in lengths]
-    design = np.stack([np.ones(len(lengths)), cost.attention_flops(np.array(lengths)),
-                       cost.linear_flops_per_token() * np.array(lengths, dtype=np.float64)], axis=1)
-    (e, inv_attention, inv_matmul), *_ = np.linalg.lstsq(design, np.array(measured), rcond=None)
+    n = np.array(lengths, dtype=np.float64)
+    long = n >= base.dense_min_tokens  # (documents the backend routes to cuDNN: their own rate)
+    design = np.stack([np.ones(len(lengths)), cost.attention_flops(n) * long, cost.attention_flops(n) * ~long,
+                       cost.linear_flops_per_token() * n], axis=1)
+    (e, inv_long, inv_short, inv_matmul), *_ = np.linalg.lstsq(design, np.array(measured), rcond=None)
+    rate = lambda inverse, preset: 1e-12 / inverse if inverse > 0 else preset  # noqa: E731 - (no data: the preset)
     fitted = replace(base, name=name, microbatch_overhead_s=max(float(e), 0.0),
-                     attention_tflops=1e-12 / inv_attention if inv_attention > 0 else base.attention_tflops,
-                     matmul_tflops=1e-12 / inv_matmul if inv_matmul > 0 else base.matmul_tflops)
+                     attention_tflops=rate(inv_long, base.attention_tflops),
+                     short_attention_tflops=rate(inv_short, base.short_attention_tflops),
+                     matmul_tflops=rate(inv_matmul, base.matmul_tflops))
     predicted = [CostModel(cfg.model.shape, fitted).microbatch_time([n], 1) for n in lengths]
     return {**asdict(fitted), "measured": {
         "device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

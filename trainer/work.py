@@ -40,7 +40,8 @@ class StepWork:
 def local_mixers(cfg: JobConfig, backend: AttentionBackend, batch: PackedBatch) -> Mixers:
     """Token mixing of a micro-batch held whole on this rank."""
     m = cfg.model
-    return Mixers(LocalAttention(backend, batch.cu_seqlens, batch.max_seqlen, window=m.window),
+    return Mixers(LocalAttention(backend, batch.cu_seqlens, batch.max_seqlen, window=m.window,
+                                 lengths=batch.doc_lengths()),
                   LocalLinearAttention(batch.cu_seqlens, m.linear_chunk) if m.has_linear else None)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from parallel.attention.backends import AttentionBackend, select_backend
+from parallel.attention.backends import AttentionBackend
+from parallel.attention.dispatch import select_backend
 from parallel.attention.mask import BlockMask
 
 __all__ = ["AttentionBackend", "BlockMask", "LocalAttention", "block_attention", "select_backend"]
@@ -41,9 +42,11 @@ class LocalAttention:
     """Causal attention within each packed document of a micro-batch held whole on this rank."""
 
     def __init__(self, backend: AttentionBackend, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 window: int = 0, causal: bool = True):
+                 window: int = 0, causal: bool = True, lengths: list[int] | None = None):
+        """`lengths`: the documents' lengths on the host, when known (they let cuDNN take the long ones)."""
         self.backend = backend
-        self.mask = BlockMask.packed(cu_seqlens, max_seqlen, causal=causal, window=window)
+        self.mask = BlockMask.packed(cu_seqlens, max_seqlen, causal=causal, window=window,
+                                     lengths=tuple(lengths) if lengths is not None else None)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return block_attention(q, k, v, self.backend, self.mask)

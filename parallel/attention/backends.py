@@ -5,21 +5,19 @@ before a kernel that handles it); out [Tq, Hq, D] in q's dtype; lse [Hq, Tq] in 
 fp64 inputs), −inf on rows that see no key (their output is 0). q and k are the rows the mask
 describes (a caller applies `BlockMask.q_rows` / `k_rows` before the call).
 
-Backends, fastest first: cuDNN, torch's flash op, the CPU flash op, math. The resolved job names
-one (`model.attention_backend`, auto: the fastest on the workers' device); `select_backend`
-builds it on each worker.
+Kernels: cuDNN (one dense sequence), torch's flash op (varlen: packed documents, windows), the
+CPU flash op and math (any mask). `parallel.attention.dispatch` builds the backend a config names
+from them.
 """
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 
 import torch
 
 from parallel.attention.mask import BlockMask
 
-log = logging.getLogger(__name__)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,7 +26,6 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class AttentionBackend(ABC):
     name: str = ""
-    varlen: bool = False  # reads cu_seqlens instead of a dense mask
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
@@ -38,6 +35,26 @@ class AttentionBackend(ABC):
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, lse: torch.Tensor, mask: BlockMask,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def forward_batched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense attention of B sequences of equal length: q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D]
+        → (out [B, Lq, Hq, D], lse [B, Hq, Lq]). Here one sequence at a time; cuDNN batches."""
+        mask = _whole(q.shape[1], k.shape[1], causal, q.device)
+        results = [self.forward(q[b], k[b], v[b], mask, scale) for b in range(q.shape[0])]
+        return torch.stack([o for o, _ in results]), torch.stack([lse for _, lse in results])
+
+    def backward_batched(self, dout, q, k, v, out, lse, causal: bool, scale: float):
+        """The backward of `forward_batched` (lse [B, Hq, Lq]) → dq, dk, dv."""
+        mask = _whole(q.shape[1], k.shape[1], causal, q.device)
+        grads = [self.backward(dout[b], q[b], k[b], v[b], out[b], lse[b], mask, scale) for b in range(q.shape[0])]
+        return tuple(torch.stack(g) for g in zip(*grads))
+
+
+def _whole(nq: int, nk: int, causal: bool, device: torch.device) -> BlockMask:
+    """The mask of one sequence of `nq` queries over `nk` keys."""
+    cu = lambda n: torch.tensor([0, n], dtype=torch.int32, device=device)  # noqa: E731
+    return BlockMask(cu(nq), cu(nk), nq, nk, causal, q_lengths=(nq,), k_lengths=(nk,))
 
 
 def _group(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -146,7 +163,6 @@ class FlashVarlenBackend(AttentionBackend):
     """torch's CUDA flash op with cu_seqlens (packed documents), native GQA and windows."""
 
     name = "flash"
-    varlen = True
 
     def forward(self, q, k, v, mask, scale):
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
@@ -164,58 +180,35 @@ class FlashVarlenBackend(AttentionBackend):
         return dq, dk, dv
 
 
-class CudnnBackend(AttentionBackend):
-    """cuDNN fused attention for blocks that are one dense sequence (≈ 1.8× the flash op on H200),
-    with grouped K/V heads as they are (native GQA); packed or windowed blocks go to the flash varlen op. cuDNN's causal mask is top-left aligned,
-    so a causal block qualifies only when it is square (the ring's diagonal blocks are)."""
+class CudnnDense(AttentionBackend):
+    """cuDNN fused attention over dense sequences (≈ 1.8× the flash op on an H200), batched, with
+    grouped K/V heads as they are (native GQA). Its causal mask is top-left aligned: causal
+    sequences must be square (`parallel.attention.dispatch` routes only such). Nothing of one call
+    is kept for another: without dropout the backward's philox seed and offset are unused, and the
+    rank of the log-sum-exp cuDNN wants back is a constant of the torch build (`lse_rank`)."""
 
     name = "cudnn"
-    varlen = True
+    lse_rank = 3
 
-    def __init__(self):
-        self.fallback = FlashVarlenBackend()
-        self._aux: tuple | None = None  # (philox seed, philox offset, lse rank) from the forward op
+    def forward_batched(self, q, k, v, causal, scale):
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
+        CudnnDense.lse_rank = lse.dim()
+        return out.transpose(1, 2), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
 
-    @staticmethod
-    def dense_block(mask: BlockMask) -> bool:
-        square = mask.max_q == mask.max_k
-        return (mask.num_sequences == 1 and mask.window_left < 0 and (mask.causal or mask.window_right < 0)
-                and (square or not mask.causal))
-
-    @staticmethod
-    def _bhtd(x: torch.Tensor) -> torch.Tensor:
-        return x.transpose(0, 1).unsqueeze(0)
+    def backward_batched(self, dout, q, k, v, out, lse, causal, scale):
+        b, lq, hq, _ = q.shape
+        lse = lse.reshape(b, hq, lq, *([1] * (CudnnDense.lse_rank - 3))).contiguous()
+        seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)  # (no dropout: unused)
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            *(x.transpose(1, 2) for x in (dout, q, k, v, out)), lse, seed, offset, None, None, None, lq,
+            k.shape[1], 0.0, causal, scale=scale)
+        return tuple(g.transpose(1, 2) for g in grads)
 
     def forward(self, q, k, v, mask, scale):
-        if not self.dense_block(mask):
-            return self.fallback.forward(q, k, v, mask, scale)
-        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            self._bhtd(q), self._bhtd(k), self._bhtd(v), None, True, 0.0, mask.causal, False, scale=scale)
-        self._aux = (seed, offset, lse.dim())
-        return out[0].transpose(0, 1), lse.reshape(q.shape[1], q.shape[0])
+        out, lse = self.forward_batched(q[None], k[None], v[None], mask.causal, scale)
+        return out[0], lse[0]
 
     def backward(self, dout, q, k, v, out, lse, mask, scale):
-        if not self.dense_block(mask):
-            return self.fallback.backward(dout, q, k, v, out, lse, mask, scale)
-        seed, offset, lse_rank = self._aux
-        lse = lse.reshape(1, q.shape[1], q.shape[0], *([1] * (lse_rank - 3))).contiguous()
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            self._bhtd(dout), self._bhtd(q), self._bhtd(k), self._bhtd(v), self._bhtd(out), lse, seed, offset,
-            None, None, None, q.shape[0], k.shape[0], 0.0, mask.causal, scale=scale)
-        return tuple(x[0].transpose(0, 1) for x in (dq, dk, dv))
-
-
-BACKENDS: dict[str, type[AttentionBackend]] = {
-    b.name: b for b in (MathBackend, CpuFlashBackend, FlashVarlenBackend, CudnnBackend)
-}
-
-
-def select_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """The named backend, checked to run on `device` (`parallel.choices.fastest_backend` names the
-    one `auto` stands for)."""
-    device = torch.device(device)
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend '{name}' is not available here (have: {', '.join(BACKENDS)})")
-    if BACKENDS[name].varlen and device.type != "cuda":
-        raise ValueError(f"attention backend '{name}' needs a CUDA device")
-    return BACKENDS[name]()
+        return tuple(g[0] for g in self.backward_batched(dout[None], q[None], k[None], v[None], out[None],
+                                                         lse[None], mask.causal, scale))

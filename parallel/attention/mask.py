@@ -40,14 +40,17 @@ class BlockMask:
     window_right: int = -1
     q_rows: Rows = None
     k_rows: Rows = None
-    _dense: torch.Tensor | None = field(default=None, repr=False)
-    _additive: dict = field(default_factory=dict, repr=False)
+    q_lengths: tuple[int, ...] | None = None  # rows of each sequence, on the host, when the caller knows them
+    k_lengths: tuple[int, ...] | None = None
+    cache: dict = field(default_factory=dict, repr=False)  # what kernels work out from it once (dense mask, routes)
 
     @staticmethod
-    def packed(cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool = True, window: int = 0) -> "BlockMask":
+    def packed(cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool = True, window: int = 0,
+               lengths: tuple[int, ...] | None = None) -> "BlockMask":
         """Attention inside each document of a packed stream (query and key rows are the same)."""
         left = window - 1 if window else -1
-        return BlockMask(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal, left, 0 if causal else left)
+        return BlockMask(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal, left, 0 if causal else left,
+                         q_lengths=lengths, k_lengths=lengths)
 
     @property
     def num_sequences(self) -> int:
@@ -55,16 +58,16 @@ class BlockMask:
 
     def dense(self) -> torch.Tensor:
         """[Tq, Tk] bool over the selected rows, True where the query sees the key."""
-        if self._dense is None:
-            self._dense = _dense_from_varlen(self)
-        return self._dense
+        if "dense" not in self.cache:
+            self.cache["dense"] = _dense_from_varlen(self)
+        return self.cache["dense"]
 
     def additive(self, dtype: torch.dtype) -> torch.Tensor:
         """[Tq, Tk]: 0 where visible, −inf where hidden (for kernels that add a bias)."""
-        if dtype not in self._additive:
+        if ("additive", dtype) not in self.cache:
             bias = torch.zeros(self.dense().shape, dtype=dtype, device=self.cu_q.device)
-            self._additive[dtype] = bias.masked_fill_(~self.dense(), float("-inf"))
-        return self._additive[dtype]
+            self.cache["additive", dtype] = bias.masked_fill_(~self.dense(), float("-inf"))
+        return self.cache["additive", dtype]
 
 
 def _segment_ids(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

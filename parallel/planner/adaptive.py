@@ -100,7 +100,7 @@ class AdaptivePlanner:
         e = self.cost.hw.microbatch_overhead_s
         total = self.cost.sequence_times(n, size)
         if not with_comm:
-            total = total - self.cost.comm_time(n, self.cost.attention_flops(n), size)
+            total = total - self.cost.comm_time(n, self.cost.attention_time(n, size), size)
         return total - e + e * n / (size * self.tokens_per_gpu)
 
     def pack(self, lengths: list[int], seqs: list[int], size: int) -> list[list[int]]:

@@ -3,9 +3,16 @@
 Time of one micro-batch of documents with lengths L_i on an SP group of d ranks:
 
     t = e                                          fixed cost of a micro-batch (launches, hooks)
-      + Σ_i attention_flops(L_i) / (d · A)         softmax layers, ∝ L²/d (A: attention TFLOP/s)
+      (+ the recomputed blocks' attention forward)
+      + Σ_i attention_flops(L_i) / (d · A(L_i/d))  softmax layers, ∝ L²/d
+        + Σ_i L_i/d · c(L_i/d)
       + linear_flops · Σ_i L_i / (d · M)           projections, MLP, linear attention, ∝ L/d
       + comm(Σ L_i, d)                             per SP method, exposed part only
+
+A(n) is the attention kernel's rate on a rank's share of a document — cuDNN's where the share
+reaches `dense_min_tokens` (the backend routes such documents to it), the varlen kernel's below —
+and each kernel also costs a fixed time per token (it dominates for documents of a few hundred
+tokens). The profile (`cluster.profile`, `loom profile`) holds the coefficients.
 
 Communication per method, per layer, on the link the group spans (NVLink inside a node):
 ring — (d−1) hops of K/V forward and K/V + fp32 dK/dV backward, each hidden behind that hop's
@@ -25,10 +32,11 @@ from typing import Literal
 import numpy as np
 
 from parallel.planner.hardware import HardwareProfile
-from parallel.planner.shape import ModelShape, fewest_blocks
+from parallel.planner.shape import BACKWARD_KERNEL, ModelShape, fewest_blocks
 
 BYTES = 2  # bf16 activations and K/V on the wire
 MEMORY_RESERVE = 0.9  # share of a GPU's memory the model plans to use (the allocator needs the rest)
+RECOMPUTE_PEAK = 0.41  # of a block's activations, alive again while a recomputed block runs its backward
 CommMethod = Literal["ring", "ulysses", "lasp2"]
 
 
@@ -45,12 +53,21 @@ class CostModel:
     def attention_flops(self, lengths) -> np.ndarray:
         return self.shape.attention_kernel_flops(lengths)
 
+    def attention_time(self, lengths, group: int) -> np.ndarray:
+        """Each document's attention seconds on `group` ranks (vectorised)."""
+        n = np.asarray(lengths, dtype=np.float64)
+        hw, width = self.hw, self.shape.n_heads * self.shape.head_dim * self.shape.softmax_layers
+        flops, tokens = self.attention_flops(n) / group, n / group
+        dense = flops / (hw.attention_tflops * 1e12) + tokens * hw.attention_token_s * width
+        short = flops / (hw.short_attention_tflops * 1e12) + tokens * hw.short_attention_token_s * width
+        return np.where(tokens >= hw.dense_min_tokens, dense, short)
+
     def linear_flops_per_token(self) -> float:
         return self.shape.linear_flops_per_token(self.recomputed)
 
-    def comm_time(self, tokens, attention_flops, group: int):
-        """Exposed communication of micro-batches with these token counts and attention FLOPs
-        (scalars or arrays) on `group` ranks, all layers, fwd + bwd."""
+    def comm_time(self, tokens, attention_s, group: int):
+        """Exposed communication of micro-batches with these token counts and attention seconds per
+        rank (scalars or arrays) on `group` ranks, all layers, fwd + bwd."""
         tokens = np.asarray(tokens, dtype=np.float64)
         if group == 1:
             return np.zeros_like(tokens)
@@ -64,28 +81,33 @@ class CostModel:
             per_rank = tokens / group * (2 * m.n_heads + 2 * m.n_kv_heads) * m.head_dim * BYTES
             return m.n_layers * 2 * (per_rank * (group - 1) / group / bw + 4 * lat)
         kv_hop = 2 * tokens / group * m.n_kv_heads * m.head_dim * BYTES
-        hop_compute = np.asarray(attention_flops) / m.n_layers / group / group / (self.hw.attention_tflops * 1e12)
+        hop_compute = np.asarray(attention_s) / m.n_layers / group
         fwd = np.maximum(0.0, kv_hop / bw - hop_compute / 3.5) + lat
         bwd = np.maximum(0.0, 3 * kv_hop / bw - hop_compute * 2.5 / 3.5) + lat
         return m.n_layers * (group - 1) * (fwd + bwd)
 
-    def compute_time(self, tokens, attention_flops, group: int):
-        """Seconds of attention and matmuls for these tokens and attention FLOPs split over `group` ranks."""
-        return (np.asarray(attention_flops) / group / (self.hw.attention_tflops * 1e12)
-                + self.linear_flops_per_token() * np.asarray(tokens) / group / (self.hw.matmul_tflops * 1e12))
+    def matmul_time(self, tokens, group: int):
+        """Seconds of the matmuls for these tokens split over `group` ranks."""
+        return self.linear_flops_per_token() * np.asarray(tokens) / group / (self.hw.matmul_tflops * 1e12)
 
-    def _time(self, tokens, attention_flops, group: int):
-        return (self.hw.microbatch_overhead_s + self.compute_time(tokens, attention_flops, group)
-                + self.comm_time(tokens, attention_flops, group))
+    def _time(self, tokens, attention_s, group: int):
+        recompute = 1 + self.recomputed / BACKWARD_KERNEL  # recomputed blocks run their attention forward again
+        return (self.hw.microbatch_overhead_s + attention_s * recompute + self.matmul_time(tokens, group)
+                + self.comm_time(tokens, attention_s, group))
+
+    def step_fixed_time(self, shard: int) -> float:
+        """What an optimizer step costs besides its micro-batches: the update of this rank's shard of
+        the weights and the step's fixed overhead."""
+        return self.hw.step_overhead_s + self.shape.params() / shard * self.hw.optimizer_s_per_param
 
     def microbatch_time(self, lengths: list[int], group: int) -> float:
         """Time of one micro-batch holding documents of these lengths on `group` ranks."""
-        return float(self._time(float(sum(lengths)), float(np.sum(self.attention_flops(lengths))), group))
+        return float(self._time(float(sum(lengths)), float(np.sum(self.attention_time(lengths, group))), group))
 
     def sequence_times(self, lengths: np.ndarray, group: int) -> np.ndarray:
         """Each document alone in a micro-batch on `group` ranks (vectorised)."""
         n = np.asarray(lengths, dtype=np.float64)
-        return self._time(n, self.attention_flops(n), group)
+        return self._time(n, self.attention_time(n, group), group)
 
     # ------------------------------------------------------------------ memory
 
@@ -93,17 +115,19 @@ class CostModel:
         """Bytes one block holds per token for backward (bf16): its input alone when recomputed."""
         m = self.shape
         if recomputed:
-            return 2 * m.dim * BYTES
+            return m.dim * BYTES
         # norm inputs, projection inputs, q and the attention output, k and v, SwiGLU's inputs and product,
-        # as saved with compiled element-wise regions: 71.6 KB/token measured for llama-1b-long on an H200
-        return BYTES * (5 * m.dim + 2 * m.n_kv_heads * m.head_dim + 3 * m.hidden_dim)
+        # as saved with compiled element-wise regions, and 4% the allocator adds: 74.6 KB/token measured for
+        # llama-1b-long on an H200 (64K tokens, no block recomputed)
+        return 1.04 * BYTES * (5 * m.dim + 2 * m.n_kv_heads * m.head_dim + 3 * m.hidden_dim)
 
     def layer_bytes_per_token(self) -> float:
-        """Bytes all blocks hold per token; a recomputed block's full activations live again during
-        its own backward."""
+        """Bytes all blocks hold per token; while a recomputed block runs its backward, part of its
+        activations (RECOMPUTE_PEAK, fitted at 128K and 256K tokens with 7 and 13 blocks recomputed)
+        lives again on top."""
         f = self.recomputed
         held = self.shape.n_layers * (f * self.block_bytes_per_token(True) + (1 - f) * self.block_bytes_per_token(False))
-        return held + (self.block_bytes_per_token(False) if f > 0 else 0.0)
+        return held + (RECOMPUTE_PEAK * self.block_bytes_per_token(False) if f > 0 else 0.0)
 
     def logits_bytes(self, tokens: float) -> float:
         """The loss's bf16 logits and their fp32 gradient, `loss_chunk` rows at a time."""
@@ -118,26 +142,32 @@ class CostModel:
         """Bytes per token for long micro-batches (the logits of a chunked loss do not grow)."""
         return self.layer_bytes_per_token() + (0.0 if self.loss_chunk else self.logits_bytes(1.0))
 
-    def state_bytes(self, shard: int, unsharded_copy: bool = False) -> float:
-        """Weights and AdamW states at the memory peak — the start of backward, when activations are
-        all alive and gradients not yet — over `shard` ranks: fp32 master weights and two moments
-        (12 B/param), one block's gradients and gathered bf16 weights; `unsharded_copy` adds the bf16
-        weights and fp32 gradients held whole (adaptive mode)."""
+    def state_bytes(self, shard: int, unsharded_copy: bool = False, microbatches: int = 1) -> float:
+        """Weights and AdamW states at the memory peak — the start of a backward, when activations are
+        all alive — over `shard` ranks: fp32 master weights and two moments (12 B/param), one block's
+        gradients and gathered bf16 weights; `unsharded_copy` adds the bf16 weights and fp32 gradients
+        held whole (adaptive mode). With several micro-batches a rank also holds, whole, the fp32
+        gradients accumulated over those before and the bf16 ones they are added from (6 B/param;
+        6.3 measured on an H200), since gradients are reduced once per step."""
         p = self.shape.params()
-        return 12 * p / shard + (6 * p if unsharded_copy else 6 * p * 2 / max(1, self.shape.n_layers))
+        held = 12 * p / shard + (6 * p if unsharded_copy else 6 * p * 2 / max(1, self.shape.n_layers))
+        if microbatches > 1 and not unsharded_copy:
+            held += 6 * p
+        return held
 
-    def free_bytes(self, shard: int, unsharded_copy: bool = False) -> float:
+    def free_bytes(self, shard: int, unsharded_copy: bool = False, microbatches: int = 1) -> float:
         """Memory left for activations once the states are placed, MEMORY_RESERVE of the GPU usable."""
-        return self.hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE - self.state_bytes(shard, unsharded_copy)
+        return self.hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE - self.state_bytes(shard, unsharded_copy, microbatches)
 
     def tokens_per_gpu(self, shard: int, unsharded_copy: bool = False) -> int:
         """Most tokens one GPU can hold activations for, with the rest of memory for states."""
         free = self.free_bytes(shard, unsharded_copy) - (self.logits_bytes(self.loss_chunk) if self.loss_chunk else 0.0)
         return max(0, int(free / self.activation_bytes_per_token()))
 
-    def blocks_to_recompute(self, tokens: int, shard: int) -> int:
+    def blocks_to_recompute(self, tokens: int, shard: int, microbatches: int = 1) -> int:
         """The fewest blocks whose activations must be recomputed for `tokens` tokens per micro-batch
         to fit on one GPU (selective activation checkpointing); all blocks when even that does not fit."""
         n = self.shape.n_layers
-        free = self.free_bytes(shard)
+        free = self.free_bytes(shard, microbatches=microbatches)
         return fewest_blocks(n, lambda k: replace(self, recomputed=k / n).activation_bytes(tokens) <= free)
+

@@ -22,11 +22,20 @@ class HardwareProfile:
     gpu_memory_gb: float = 139.0  # usable
     peak_tflops: float = 989.0  # dense bf16 peak (MFU's denominator); 0 = unknown
     matmul_tflops: float = 600.0  # achieved bf16 dense in a model step (the ceiling measured is ≈ 790)
-    attention_tflops: float = 540.0  # cuDNN fwd+bwd, flash-attention FLOP convention
+    # attention fwd+bwd (flash-attention FLOP convention) = FLOPs at a rate + a cost per token (per layer and
+    # per head × head_dim): cuDNN on documents of dense_min_tokens or more, the varlen kernel below; fitted
+    # on 64K-token packings of one to 256 equal documents (benchmarks/packed_attention.py)
+    attention_tflops: float = 566.0
+    attention_token_s: float = 3.2e-11
+    short_attention_tflops: float = 359.0
+    short_attention_token_s: float = 1.65e-11
+    dense_min_tokens: int = 2048  # from this length on, a document's attention runs through cuDNN
     intra_node_gbps: float = 290.0  # per direction, NVLink
     inter_node_gbps: float = 25.0  # per GPU, e.g. 200 Gb/s InfiniBand
     gpus_per_node: int = 8
     microbatch_overhead_s: float = 0.015  # fixed time of one forward + backward of a micro-batch
+    step_overhead_s: float = 0.25  # fixed time of an optimizer step: its host work and the GPU waits (fitted)
+    optimizer_s_per_param: float = 1.0e-11  # fused AdamW on a rank's shard of fp32 weights and moments
     hop_latency_s: float = 2e-5
 
     def link_bytes_per_s(self, group: int) -> float:
@@ -46,11 +55,14 @@ class HardwareProfile:
 
 PRESETS = {
     "H200": HardwareProfile(),
-    "H100": HardwareProfile(name="H100", gpu_memory_gb=78.0, matmul_tflops=560.0, attention_tflops=500.0,
+    "H100": HardwareProfile(name="H100", gpu_memory_gb=78.0, matmul_tflops=560.0, attention_tflops=524.0,
+                            attention_token_s=3.46e-11, short_attention_tflops=332.0, short_attention_token_s=1.78e-11,
                             intra_node_gbps=200.0),
     # For CPU tests and the local demo: numbers of the right shape, not a measurement.
     "cpu": HardwareProfile(name="cpu", gpu_memory_gb=4.0, peak_tflops=0.0, matmul_tflops=0.05,
-                           attention_tflops=0.02, intra_node_gbps=2.0, inter_node_gbps=1.0, gpus_per_node=64,
+                           attention_tflops=0.02, attention_token_s=0.0, short_attention_tflops=0.02,
+                           short_attention_token_s=0.0, step_overhead_s=0.0, optimizer_s_per_param=0.0,
+                           intra_node_gbps=2.0, inter_node_gbps=1.0, gpus_per_node=64,
                            microbatch_overhead_s=0.02, hop_latency_s=1e-4),
 }
 

@@ -146,9 +146,14 @@ class PlanSearch:
         return CostModel(self.model.shard(c.tp, c.pp), self.cluster.hw,
                          method="ulysses" if c.sp_method == "ulysses" else "ring", recomputed=c.recomputed)
 
+    def microbatches(self, c: Candidate) -> int:
+        """Micro-batches per data-parallel replica in a step of a static layout."""
+        return max(1, math.ceil(self.global_tokens / (c.dp * c.budget)))
+
     def memory_gb(self, c: Candidate) -> float:
         full = CostModel(self.model, self.cluster.hw, recomputed=c.recomputed, loss_chunk=loss_chunk(c))
-        states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive") / (c.tp * c.pp)
+        states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive",
+                                  microbatches=self.microbatches(c)) / (c.tp * c.pp)
         tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
         layers = full.layer_bytes_per_token() / (c.tp * c.pp) * tokens_per_gpu * c.pp  # pp micro-batches in flight
         return (states + layers + full.logits_bytes(tokens_per_gpu) / c.tp) / 2**30
@@ -166,10 +171,10 @@ class PlanSearch:
     def static_time(self, c: Candidate) -> tuple[float, float, float]:
         """(step seconds, pipeline bubble fraction, communication fraction) of a static layout."""
         cost, hw, m = self.cost(c), self.cluster.hw, self.model
-        microbatches = max(1, math.ceil(self.global_tokens / (c.dp * c.budget)))
-        attention_flops = self.attention_per_token * c.budget / (c.tp * c.pp)
-        compute = float(cost.compute_time(float(c.budget), attention_flops, c.sp))
-        sp_comm = float(cost.comm_time(float(c.budget), attention_flops, c.sp))
+        microbatches = self.microbatches(c)
+        attention_s = self.hist.per_token(cost.attention_time(self.hist.lengths, c.sp)) * c.budget
+        compute = attention_s + float(cost.matmul_time(float(c.budget), c.sp))
+        sp_comm = float(cost.comm_time(float(c.budget), attention_s, c.sp))
         if c.sp_method == "ring_bidir" and c.sp > 2:
             sp_comm *= -(-(c.sp - 1) // 2) / (c.sp - 1)  # hops of the longer direction
         tp_comm = pp_comm = 0.0
@@ -180,7 +185,7 @@ class PlanSearch:
             pp_comm = 2 * c.budget / (c.tp * c.sp) * m.dim * BYTES / hw.link_bytes_per_s(self.cluster.gpus)
         stage = hw.microbatch_overhead_s + compute + sp_comm + tp_comm + pp_comm
         fsdp = self.fsdp_time(c, microbatches * compute)
-        step = (microbatches + c.pp - 1) * stage + fsdp
+        step = (microbatches + c.pp - 1) * stage + fsdp + cost.step_fixed_time(c.dp * c.sp)
         comm = microbatches * (sp_comm + tp_comm + pp_comm) + fsdp
         return step, (c.pp - 1) / (microbatches + c.pp - 1), comm / step
 
@@ -208,7 +213,8 @@ class PlanSearch:
     def adaptive_time(self, c: Candidate) -> tuple[float, float, float]:
         planner, lengths, scale = self.adaptive_instance(c)
         plan = planner.solve(lengths)
-        return plan.predicted_s * scale + self.fsdp_time(c, plan.lower_bound_s * scale), 0.0, 0.0
+        return (plan.predicted_s * scale + self.fsdp_time(c, plan.lower_bound_s * scale)
+                + planner.cost.step_fixed_time(c.dp * c.sp), 0.0, 0.0)
 
     def evaluate(self, c: Candidate) -> Candidate:
         c.memory_gb = self.memory_gb(c)

@@ -30,6 +30,9 @@ def run(backend: str, q, k, v, dout, attend_fn):
 @pytest.mark.parametrize("backend", ["flash", "cudnn"])
 @pytest.mark.parametrize("lengths, hq, hkv, window", [
     ([4096], 32, 8, 0), ([4096], 16, 16, 0), ([1000, 37, 2500, 559], 32, 8, 0), ([3000, 1096], 8, 1, 256),
+    ([8192, 3000, 2048, 500, 100, 7], 16, 4, 0),  # cuDNN takes the three long ones, varlen the tail (a slice)
+    ([500, 8192, 7, 3000, 100, 2048], 16, 4, 0),  # the same, interleaved (the short ones gathered)
+    ([3000, 2900, 3000, 500, 3000], 16, 4, 0),  # three of 3,000 tokens (one gathered): one batched cuDNN call
 ])
 def test_packed_attention_matches_fp32(backend, lengths, hq, hkv, window):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -39,7 +42,7 @@ def test_packed_attention_matches_fp32(backend, lengths, hq, hkv, window):
     cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device="cuda")
 
     def attend(be, q_, k_, v_):
-        return LocalAttention(be, cu, max(lengths), window=window)(q_, k_, v_)
+        return LocalAttention(be, cu, max(lengths), window=window, lengths=lengths)(q_, k_, v_)
 
     got = run(backend, q, k, v, dout, attend)
     ref = run("math", q.float(), k.float(), v.float(), dout.float(), attend)
