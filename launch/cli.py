@@ -56,10 +56,11 @@ def describe_run(s: dict) -> str:
 
 def _submit(args: argparse.Namespace) -> None:
     from launch.submit import submit
-    from trainer.job import check_dataset, check_layout
+    from trainer.job import check_dataset, check_layout, check_pretrained
 
     cfg = load_config(args.config, args.overrides)
     check_dataset(cfg)
+    check_pretrained(cfg)
     check_layout(cfg)  # the device-dependent checks run on the cluster, where its devices are known
     submit(cfg, args.address, wait=not args.no_wait, python=args.python)
 
@@ -78,7 +79,7 @@ def _job(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from trainer.export import export
 
-    export(args.run_dir, args.out)
+    export(args.run_dir, args.out, args.dtype)
 
 
 def _profile(args: argparse.Namespace) -> None:
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize text into Arrow shards")
     p.add_argument("src", help="a folder of text files, a text file, a .jsonl or a .parquet file")
     p.add_argument("out", help="output dataset folder")
-    p.add_argument("--tokenizer", default="bytes", help="'bytes' (default) or a local tokenizer.json")
+    p.add_argument("--tokenizer", default="bytes", help="'bytes' (default), a tokenizer.json, or a model folder "
+                                                         "(its tokenizer, special tokens and chat template)")
     p.add_argument("--include", action="append", help="glob of files to take from a folder (repeatable)")
     p.add_argument("--exclude", action="append", help="glob of relative paths to skip (repeatable)")
     p.add_argument("--text-key", default="text", help="JSON field / parquet column holding the text")
@@ -137,9 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
             j.add_argument("--follow", action="store_true")
         j.set_defaults(func=_job)
 
-    e = sub.add_parser("export", help="the newest checkpoint as a Hugging Face Llama (safetensors)")
+    e = sub.add_parser("export", help="the newest checkpoint as a Hugging Face model folder (safetensors)")
     e.add_argument("run_dir", help="a run folder (runs/NAME)")
     e.add_argument("out", help="output folder for model.safetensors and config.json")
+    e.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16; auto: the dtype of model.init_from "
+                                                    "(float32 without one)")
     e.set_defaults(func=_export)
 
     f = sub.add_parser("profile", help="fit the cost model's coefficients on this machine's device")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from launch.errors import WorkerDied, WorkerError
 from trainer.checkpoint import CheckpointError, complete_checkpoints, probe_writable
 from trainer.config import ConfigError, JobConfig
-from trainer.job import Job, Target, check_dataset, check_resume, resolve
+from trainer.job import Job, Target, check_dataset, check_pretrained, check_resume, resolve
 
 if TYPE_CHECKING:
     from launch.reaper import Watcher
@@ -76,6 +76,7 @@ def preflight(cfg: JobConfig) -> Job | None:
     run's checkpoints fit this config, and for an embedded cluster the whole resolved job (a
     remote cluster's device is known only once connected)."""
     check_dataset(cfg)
+    check_pretrained(cfg)
     probe_writable(cfg.checkpoint_folder)
     check_resume(cfg)
     return None if cfg.cluster.address else resolve(cfg, local_target(cfg))

@@ -37,9 +37,9 @@ def test_export_loads_in_transformers_with_the_same_logits(small_dataset, tmp_pa
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_export_refuses_models_without_a_llama_equivalent(tmp_path, capsys):
+def test_export_refuses_models_without_a_hugging_face_equivalent(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("model: {layer_pattern: LS}\ndata: {path: x}\n")
     assert main(["export", str(run), str(tmp_path / "hf")]) == 2
-    assert "only softmax models without a sliding window" in capsys.readouterr().err
+    assert "linear-attention layers have no Hugging Face equivalent" in capsys.readouterr().err

@@ -46,6 +46,7 @@ def max_step(metrics: Path) -> int:
     return max((json.loads(line)["step"] for line in lines), default=0)
 
 
+@pytest.mark.slow  # 2 minutes; killed-and-resumed exactness stays in make test (test_training, test_faults)
 def test_three_killed_workers_lose_and_repeat_nothing(small_dataset, tmp_path):
     """SIGKILL a random Ray worker at three random steps; with max_failures=3 the job restarts
     from its newest complete checkpoint each time. Oracle: an uninterrupted run — bit-identical

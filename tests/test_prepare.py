@@ -40,7 +40,7 @@ def test_prepare_folder_round_trips_text(corpus, tmp_path):
     assert manifest["documents"] == 4 and manifest["skipped"] == {"empty": 1, "undecodable": 1}
     ds = TokenDataset(out)
     table = pa.ipc.open_file(pa.memory_map(str(out / manifest["shards"][0]["file"]))).read_all()
-    assert table.schema.names == ["tokens", "length", "doc_id", "source"]
+    assert table.schema.names == ["tokens", "length", "doc_id", "source", "supervised"]
     assert table.column("doc_id").to_pylist() == [0, 1, 2, 3]
     by_source = {s.split("src/")[1]: i for i, s in enumerate(table.column("source").to_pylist())}
     for name, text in texts.items():

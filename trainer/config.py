@@ -25,8 +25,10 @@ import yaml
 from parallel.choices import (AttentionBackendName, FeatureMap, LinearSPMethod, PipelineSchedule, SPMethod, SPMode,
                               options)
 from parallel.planner.shape import ModelShape
+from trainer.hf_config import ROPE_SCALING_KEYS, SHAPE_KEYS, UnsupportedModel, model_section, read_config
 
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+Family = Literal["llama", "mistral", "qwen2", "qwen3"]
 
 
 class ConfigError(ValueError):
@@ -40,11 +42,17 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 8
     n_kv_heads: int = 4
+    head_dim: int = 0  # 0: dim / n_heads
     ffn_dim: int = 0  # 0: SwiGLU default, 8/3·dim rounded up to a multiple of 64
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # Hugging Face's keys: rope_type linear | llama3 | yarn, …
     norm_eps: float = 1e-5
     window: int = 0  # sliding-window attention span in tokens; 0 = full causal
     tie_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections with a bias (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each head's q and k before RoPE (Qwen3)
+    family: Family = "llama"  # the Hugging Face architecture `loom export` writes
+    init_from: str = ""  # a Hugging Face model folder: its shape and weights (steps, optimizer, data start fresh)
     init_std: float = 0.02
     attention_backend: Literal["auto"] | AttentionBackendName = "auto"  # auto: the fastest on the workers' device
     layer_pattern: str = ""  # S = softmax, L = linear attention, repeated over the layers; "" = all S
@@ -52,9 +60,9 @@ class ModelConfig:
     linear_decay: bool = True  # per-head decay (RetNet); false: plain linear attention
     linear_chunk: int = 256  # chunk length of the chunkwise linear-attention computation
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self) -> None:
+        if not self.head_dim and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
 
     def layer_kinds(self) -> list[str]:
         pattern = self.layer_pattern or "S"
@@ -231,11 +239,13 @@ def validate(cfg: JobConfig) -> None:
         _require(value >= 0, f"{name} must be >= 0, got {value}")
     for name, value in _numbers(cfg):
         _require(math.isfinite(value), f"{name} must be a finite number, got {value}")
-    _require(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    explicit_head_dim = m.head_dim != m.dim // m.n_heads
+    _require(explicit_head_dim or m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
     _require(m.head_dim % 2 == 0, f"head dim {m.head_dim} must be even for rotary embeddings")
     _require(m.n_heads % m.n_kv_heads == 0,
              f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
     _require(set(m.layer_pattern) <= {"S", "L"}, f"model.layer_pattern may hold only S and L, got '{m.layer_pattern}'")
+    _check_rope_scaling(m.rope_scaling)
     _require(o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     _require(o.min_lr_ratio >= 0, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     _require(0 < o.beta1 < 1 and 0 < o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in (0, 1)")
@@ -252,6 +262,17 @@ def validate(cfg: JobConfig) -> None:
     _require(d.path != "", "data.path is not set (prepare a dataset with `loom prepare SRC OUT`)")
     _require(cfg.name not in ("", ".", "..") and "/" not in cfg.name,
              f"name must be a plain folder name, got '{cfg.name}'")
+
+
+def _check_rope_scaling(scaling: dict[str, Any]) -> None:
+    if not scaling:
+        return
+    kind = scaling.get("rope_type") or scaling.get("type")
+    _require(kind in ROPE_SCALING_KEYS, f"model.rope_scaling: unknown type {kind!r} "
+                                        f"(choose from {', '.join(ROPE_SCALING_KEYS)}, as rope_type)")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if scaling.get(k) is None]
+    _require(not missing, f"model.rope_scaling of type {kind} needs {', '.join(missing)}")
+    _require(float(scaling["factor"]) > 0, f"model.rope_scaling.factor must be positive, got {scaling['factor']}")
 
 
 def _numbers(section: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -434,9 +455,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if isinstance(raw.get(name), str):
             raw[name] = _resolve_section(name, raw[name], base)
     raw = apply_overrides(raw, overrides or [], Path.cwd())
+    if isinstance(raw.get("model"), dict) and raw["model"].get("init_from"):
+        raw["model"] = with_pretrained_shape(raw["model"])
     cfg = _build(JobConfig, raw)
     cfg.validate()
     return cfg
+
+
+def with_pretrained_shape(model: dict[str, Any]) -> dict[str, Any]:
+    """The model section of a config with `init_from`: the folder's shape, RoPE and family, under
+    the keys the config sets (a shape key that disagrees is an error; RoPE settings override)."""
+    folder = str(model["init_from"])
+    try:
+        pretrained = model_section(read_config(folder))
+    except UnsupportedModel as err:
+        raise ConfigError(str(err)) from None
+    clash = next((k for k in SHAPE_KEYS if k in model and model[k] != pretrained[k]), None)
+    _require(clash is None, f"model.{clash}={model.get(clash)!r} disagrees with {folder}/config.json, which gives "
+                            f"{pretrained.get(clash)!r}; leave the model's shape to init_from")
+    return {**pretrained, **model}
 
 
 def config_from_dict(raw: dict[str, Any]) -> JobConfig:

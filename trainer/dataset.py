@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 MANIFEST = "index.json"
+NO_SPANS = np.zeros(0, dtype=np.int32)
 
 
 class DatasetError(ValueError):
@@ -65,7 +66,8 @@ class TokenDataset:
     """All documents of a prepared dataset, addressed by a global index 0..N-1.
 
     Each shard file is memory-mapped; a document's tokens are a numpy view into the map,
-    so reading touches only the pages of the documents asked for.
+    so reading touches only the pages of the documents asked for. An instruction example also
+    has the [start, end) spans of its tokens the loss sees (`supervised`).
     """
 
     def __init__(self, folder: str | Path):
@@ -74,6 +76,7 @@ class TokenDataset:
         self._maps: list[pa.MemoryMappedFile] = []
         self._values: list[np.ndarray] = []  # per record batch: flat int32 tokens
         self._offsets: list[np.ndarray] = []  # per record batch: row offsets into _values
+        self._spans: list[tuple[np.ndarray, np.ndarray]] = []  # per record batch: span offsets, values
         lengths = []
         for shard in self.manifest["shards"]:
             source, reader = open_shard(self.folder, shard)
@@ -83,6 +86,9 @@ class TokenDataset:
                 tokens = batch.column("tokens")
                 self._offsets.append(tokens.offsets.to_numpy())
                 self._values.append(tokens.values.to_numpy(zero_copy_only=True))
+                spans = batch.column("supervised") if "supervised" in batch.schema.names else None
+                self._spans.append((spans.offsets.to_numpy(), spans.values.to_numpy(zero_copy_only=True))
+                                   if spans is not None else (np.zeros(batch.num_rows + 1, np.int32), NO_SPANS))
                 lengths.append(batch.column("length").to_numpy())
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         counts = np.array([len(o) - 1 for o in self._offsets], dtype=np.int64)
@@ -99,10 +105,19 @@ class TokenDataset:
     def fingerprint(self) -> str:
         return str(self.manifest["source"]["fingerprint"])
 
+    def _locate(self, doc: int) -> tuple[int, int]:
+        b = int(np.searchsorted(self._batch_start, doc, side="right")) - 1
+        return b, doc - int(self._batch_start[b])
+
     def tokens(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Tokens [start, stop) of document `doc`, as a read-only view."""
-        b = int(np.searchsorted(self._batch_start, doc, side="right")) - 1
-        row = doc - int(self._batch_start[b])
+        b, row = self._locate(doc)
         lo, hi = int(self._offsets[b][row]), int(self._offsets[b][row + 1])
         stop = hi - lo if stop is None else min(stop, hi - lo)
         return self._values[b][lo + start: lo + stop]
+
+    def supervised(self, doc: int) -> np.ndarray:
+        """[start, end) spans of the tokens the loss sees, as an [n, 2] array; empty: all of them."""
+        b, row = self._locate(doc)
+        offsets, values = self._spans[b]
+        return values[int(offsets[row]): int(offsets[row + 1])].reshape(-1, 2)

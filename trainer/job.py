@@ -155,6 +155,23 @@ def check_dataset(cfg: JobConfig) -> dict:
     return manifest
 
 
+def check_pretrained(cfg: JobConfig) -> None:
+    """`model.init_from`'s weights, by their safetensors headers: every tensor of the model, whole."""
+    if not cfg.model.init_from:
+        return
+    import torch
+
+    from trainer.hf import WeightsError, check_weights
+    from trainer.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    try:
+        check_weights(cfg.model.init_from, model, cfg.model.tie_embeddings)
+    except WeightsError as err:
+        raise ConfigError(f"model.init_from: {err}") from None
+
+
 def hardware(cfg: JobConfig, target: Target) -> HardwareProfile:
     """The cost model's coefficients for the workers' device: `cluster.profile` (auto: the device's
     preset), the device's own memory, then the cluster's overrides."""
@@ -231,10 +248,11 @@ def check_resumable(cfg: JobConfig, data_fingerprint: str, location: str, marker
     from trainer.checkpoint import CheckpointError
 
     saved = config_from_dict(marker["config"]).model
-    if saved.shape != cfg.model.shape or saved.layer_kinds() != cfg.model.layer_kinds():
+    if (saved.shape != cfg.model.shape or saved.layer_kinds() != cfg.model.layer_kinds()
+            or (saved.attention_bias, saved.qk_norm) != (cfg.model.attention_bias, cfg.model.qk_norm)):
         changed = ", ".join(f"model.{k}={getattr(saved, k)} (now {getattr(cfg.model, k)})"
-                            for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
-                                      "tie_embeddings", "window", "layer_pattern") if getattr(saved, k) != getattr(cfg.model, k))
+                            for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                                      "tie_embeddings", "window", "layer_pattern", "attention_bias", "qk_norm") if getattr(saved, k) != getattr(cfg.model, k))
         raise CheckpointError(f"{location} holds another model: {changed}; resume it with its own model "
                               f"config, or train this one under another name")
     if marker.get("data", data_fingerprint) != data_fingerprint:

@@ -2,7 +2,8 @@
 
 A packed micro-batch is one token stream of several documents; `cu_seqlens` marks their
 boundaries, positions restart at 0 in every document, and each label is the next token of the
-same document (the last token of a document has none: -100).
+same document (the last token of a document has none: -100). In an instruction example only the
+tokens inside its supervised spans are labels.
 """
 
 from __future__ import annotations
@@ -64,12 +65,21 @@ def build_batch(dataset: TokenDataset, pieces: list[Piece]) -> PackedBatch:
         window = dataset.tokens(p.doc, p.start, p.start + p.length + 1)
         tokens[at: at + p.length] = window[: p.length]
         nxt = window[1:]
-        labels[at: at + nxt.size] = nxt
+        labels[at: at + nxt.size] = _supervised(nxt, p.start + 1, dataset.supervised(p.doc))
         positions[at: at + p.length] = np.arange(p.length)
         at += p.length
         cu[i + 1] = at
     return PackedBatch(torch.from_numpy(tokens), torch.from_numpy(labels), torch.from_numpy(positions),
                        torch.from_numpy(cu), max((p.length for p in pieces), default=0), pieces)
+
+
+def _supervised(targets: np.ndarray, first: int, spans: np.ndarray) -> np.ndarray:
+    """`targets` (tokens `first`, `first`+1, … of a document) with those outside `spans` ignored."""
+    if spans.size == 0:
+        return targets
+    index = np.arange(first, first + targets.size)
+    keep = ((index[:, None] >= spans[:, 0]) & (index[:, None] < spans[:, 1])).any(axis=1)
+    return np.where(keep, targets, IGNORE)
 
 
 class StepLoader:

@@ -35,6 +35,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import dump_config
 from trainer.dataset import TokenDataset
 from trainer.engine import DeepSpeedEngine, Engine, FSDPEngine, NonFiniteError
+from trainer.hf import load_pretrained
 from trainer.job import Job, check_resumable
 from trainer.ledger import Ledger
 from trainer.loader import StepLoader
@@ -114,6 +115,8 @@ class Trainer:
         for part in parts:
             parallelize(part, dims, recomputed, self.job.compile, fsdp=cfg.parallel.dp_engine == "fsdp2",
                         param_dtype=self.dtype)
+        if cfg.model.init_from:  # each rank reads the slices it holds; a run's own checkpoint, if any, follows
+            load_pretrained(parts, cfg.model.init_from, cfg.model.tie_embeddings)
         return stages, parts
 
     def build_engine(self) -> Engine:
@@ -198,6 +201,10 @@ class Trainer:
              f"{job.recomputed_blocks}/{cfg.model.n_layers} blocks recomputed, "
              f"{'compiled' if job.compile else 'eager'} element-wise ops")
         start = self.resume()
+        if cfg.model.init_from and start == 0:
+            scaling = cfg.model.rope_scaling
+            log0(f"weights: {cfg.model.init_from} ({cfg.model.family}; RoPE θ={cfg.model.rope_theta:g}"
+                 + (f", {scaling.get('rope_type') or scaling.get('type')} ×{scaling['factor']:g}" if scaling else "") + ")")
         if self.rank == 0:
             cfg.run_path.mkdir(parents=True, exist_ok=True)
             (cfg.run_path / "config.yaml").write_text(dump_config(cfg))

@@ -1,11 +1,14 @@
 """Llama-style decoder over a packed token stream: RMSNorm, RoPE, GQA attention, SwiGLU, and
-optionally linear-attention layers (a hybrid model, `layer_pattern` such as "LLLS").
+optionally linear-attention layers (a hybrid model, `layer_pattern` such as "LLLS"). The
+variants of the families Loom imports are options: q/k/v biases (Qwen2), q/k RMSNorm and a head
+size of its own (Qwen3), a sliding window (Mistral), RoPE scaling (`trainer.rope`).
 
 The model sees one micro-batch as a flat stream of T tokens holding several documents. It
 never builds masks itself: token mixing comes in per micro-batch as `Mixers` — a softmax
 `attend(q, k, v)` (local, ring, Ulysses …) and a linear `attend(q, k, v, log_decay)` (local,
 LASP-2 …) — which keep documents apart. RoPE (softmax layers) uses the per-document positions of
 the batch, so every document starts at position 0; linear layers mark order by their decay.
+Parameter names and the RoPE convention are those of Hugging Face's Llama (`trainer.hf`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 from parallel.linear_attention import FEATURE_MAPS, decay_rates
 from trainer.config import ModelConfig
 from trainer.loss import LogitGrads, linear_cross_entropy, logit_grads
+from trainer.rope import RotaryEmbedding, apply_rope
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LinearAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,29 +38,16 @@ class Mixers:
     linear: LinearAttend | None = None
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [T, head_dim / 2] in fp32 for the given token positions."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates pairs (x[2i], x[2i+1]) of x [T, H, D] by the position's angles."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def project(self, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,6 +56,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(t, -1, self.head_dim)
         k = self.wk(x).view(t, -1, self.head_dim)
         v = self.wv(x).view(t, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin).contiguous(), apply_rope(k, cos, sin).contiguous(), v.contiguous()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mixers: Mixers) -> torch.Tensor:
@@ -130,6 +123,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.logit_grads: LogitGrads = logit_grads  # the loss's element-wise part (compiled on GPU)
         self.init_weights()
 
@@ -138,7 +132,9 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         depth_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():  # (full model only: init happens before any split)
-            if p.ndim == 1:
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.ndim == 1:  # norms
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, 0.0, depth_std)
@@ -153,7 +149,7 @@ class Transformer(nn.Module):
         instead of tokens, and one without the output layer returns hidden states."""
         if not isinstance(mixers, Mixers):
             mixers = Mixers(mixers)
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = self.rope(positions)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, cos, sin, mixers)

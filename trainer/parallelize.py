@@ -79,9 +79,12 @@ def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(0)),
         }
+        # heads are sharded over tp: a per-head norm's weight is shared by them, its gradient summed over tp
         if isinstance(block.attention, LinearAttention):
-            # heads are sharded over tp: the per-head norm's weight is shared, its gradient summed over tp
             plan["attention.head_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+        elif block.attention.q_norm is not None:
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
         parallelize_module(block, mesh, plan)
         if isinstance(block.attention, LinearAttention):  # this rank's K/V heads keep their own decay
             heads = block.attention.log_decay.numel() // tp

@@ -1,7 +1,9 @@
 """`loom prepare`: raw text → tokenized Arrow IPC shards plus an `index.json` manifest.
 
 Sources: a folder of text files (one document per file), a single text file, a `.jsonl` file
-(one JSON object per line) or a `.parquet` file. The dataset is written into a temporary folder
+(one JSON object per line) or a `.parquet` file. A row of the last two is a document (`--text-key`)
+or an instruction example — `prompt` and `completion`, or chat `messages` — whose tokens come with
+the spans the loss sees (`trainer.instructions`). The dataset is written into a temporary folder
 beside OUT and renamed into place only when complete, so an interrupted run leaves no half
 dataset. Documents that are empty or not valid UTF-8 (and JSON lines that do not parse or lack
 the text field) are counted per reason and reported, never dropped silently.
@@ -25,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from trainer.dataset import MANIFEST, DatasetError, read_manifest
+from trainer.dataset import MANIFEST, NO_SPANS, DatasetError, read_manifest
+from trainer.instructions import InstructionError, chat_example, pair_example
 from trainer.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -34,7 +37,9 @@ SCHEMA = pa.schema([
     ("length", pa.int32()),
     ("doc_id", pa.int64()),
     ("source", pa.string()),
+    ("supervised", pa.list_(pa.int32())),  # [start, end) token spans the loss sees, flattened; empty: all
 ])
+EXAMPLE_KEYS = (("messages",), ("prompt", "completion"))
 
 
 class PrepareError(RuntimeError):
@@ -51,8 +56,19 @@ class SourceOptions:
 @dataclass
 class RawDocument:
     source: str  # file path, or path:line / path:row
-    text: str | None  # None when the row was unusable
-    problem: str = ""  # empty | undecodable | bad_json | no_text
+    text: str | None  # None when the row was unusable (or is an example)
+    problem: str = ""  # empty | undecodable | bad_json | no_text | bad_example
+    example: dict | None = None  # an instruction row: {"messages": …} or {"prompt": …, "completion": …}
+
+
+def _row(where: str, obj: object, key: str) -> RawDocument:
+    """A JSON object or table row: an instruction example when it has their fields, else a document."""
+    if isinstance(obj, dict):
+        for keys in EXAMPLE_KEYS:
+            if all(obj.get(k) is not None for k in keys):
+                return RawDocument(where, None, example={k: obj[k] for k in keys})
+    text = obj.get(key) if isinstance(obj, dict) else None
+    return RawDocument(where, text) if isinstance(text, str) else RawDocument(where, None, "no_text")
 
 
 def _decode(raw: bytes, source: str) -> RawDocument:
@@ -92,8 +108,7 @@ def _read_jsonl(path: Path, key: str) -> Iterator[RawDocument]:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 yield RawDocument(where, None, "bad_json")
                 continue
-            text = obj.get(key) if isinstance(obj, dict) else None
-            yield RawDocument(where, text, "") if isinstance(text, str) else RawDocument(where, None, "no_text")
+            yield _row(where, obj, key)
 
 
 def _is_output(path: Path, out: Path) -> bool:
@@ -103,16 +118,17 @@ def _is_output(path: Path, out: Path) -> bool:
 
 def _read_parquet(path: Path, key: str) -> Iterator[RawDocument]:
     file = pq.ParquetFile(path)
+    names = file.schema_arrow.names
+    columns = [c for c in (key, *(k for keys in EXAMPLE_KEYS for k in keys)) if c in names]
     start = 0
     for group in range(file.num_row_groups):
         try:
-            texts = file.read_row_group(group, columns=[key]).column(0).to_pylist()
+            rows = file.read_row_group(group, columns=columns).to_pylist()
         except (pa.ArrowException, OSError) as err:
             raise PrepareError(f"{path}: row group {group} cannot be read ({str(err).splitlines()[0]})") from None
-        for i, text in enumerate(texts):
-            where = f"{path}:{start + i}"
-            yield RawDocument(where, text) if isinstance(text, str) else RawDocument(where, None, "no_text")
-        start += len(texts)
+        for i, row in enumerate(rows):
+            yield _row(f"{path}:{start + i}", row, key)
+        start += len(rows)
 
 
 class Source:
@@ -136,7 +152,7 @@ class Source:
                 names = pq.ParquetFile(self.path).schema_arrow.names
             except Exception as err:  # noqa: BLE001 - pyarrow raises several types
                 raise PrepareError(f"cannot read parquet file {self.path}: {err}") from None
-            if opts.text_key not in names:
+            if opts.text_key not in names and not any(set(keys) <= set(names) for keys in EXAMPLE_KEYS):
                 raise PrepareError(f"parquet file {self.path} has no column '{opts.text_key}' "
                                    f"(columns: {', '.join(names)}); pass --text-key")
         else:
@@ -144,8 +160,9 @@ class Source:
 
     def fingerprint(self, tokenizer: Tokenizer) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([self.kind, self.opts.include, self.opts.exclude, self.opts.text_key,
-                             tokenizer.name, tokenizer.vocab_size]).encode())
+        fields = [self.kind, self.opts.include, self.opts.exclude, self.opts.text_key, tokenizer.name,
+                  tokenizer.vocab_size] + ([tokenizer.chat_template] if tokenizer.chat_template else [])
+        h.update(json.dumps(fields).encode())
         for f in self.files:
             st = f.stat()
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -182,20 +199,23 @@ class ShardWriter:
         self.rows_per_batch = rows_per_batch
         self.shards: list[dict] = []
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
-        self._rows: list[tuple[np.ndarray, int, str]] = []
+        self._rows: list[tuple[np.ndarray, int, str, np.ndarray]] = []
         self._shard_tokens = 0
         self._shard_docs = 0
         self.documents = 0
         self.tokens = 0
+        self.supervised_tokens = 0  # of examples with spans; whole documents count in full
 
-    def add(self, ids: np.ndarray, source: str) -> None:
+    def add(self, ids: np.ndarray, source: str, spans: np.ndarray = NO_SPANS) -> None:
+        """One document (`spans` empty: every token supervised) or example (its [start, end) spans)."""
         if self._writer is None:
             name = f"shard-{len(self.shards):05d}.arrow"
             self._writer = pa.ipc.new_file(str(self.folder / name), SCHEMA)
             self.shards.append({"file": name, "documents": 0, "tokens": 0})
-        self._rows.append((ids, self.documents, source))
+        self._rows.append((ids, self.documents, source, spans))
         self.documents += 1
         self.tokens += ids.size
+        self.supervised_tokens += int((spans[1::2] - spans[::2]).sum()) if spans.size else ids.size
         self._shard_tokens += ids.size
         self._shard_docs += 1
         if len(self._rows) >= self.rows_per_batch:
@@ -215,6 +235,7 @@ class ShardWriter:
             pa.array(lengths),
             pa.array(np.array([r[1] for r in self._rows], dtype=np.int64)),
             pa.array([r[2] for r in self._rows], type=pa.string()),
+            pa.array([r[3] for r in self._rows], type=pa.list_(pa.int32())),
         ], schema=SCHEMA)
         self._writer.write_batch(batch)
         self._rows = []
@@ -283,16 +304,18 @@ def prepare(src: str | Path, out: str | Path, tokenizer_spec: str = "bytes",
                   dynamic_ncols=True) as bar:
             pending: list[RawDocument] = []
             for doc in source.documents(bar):
-                if doc.text is None:
+                if doc.example is not None:
+                    pending.append(doc)
+                elif doc.text is None:
                     skipped[doc.problem] += 1
                 elif doc.text == "":
                     skipped["empty"] += 1
                 else:
                     pending.append(doc)
                 if len(pending) >= 256:
-                    _encode_into(writer, tokenizer, pending)
+                    _encode_into(writer, tokenizer, pending, skipped)
                     pending = []
-            _encode_into(writer, tokenizer, pending)
+            _encode_into(writer, tokenizer, pending, skipped)
         writer.close()
         if writer.documents == 0:
             reasons = ", ".join(f"{n} {k}" for k, n in sorted(skipped.items())) or "no rows"
@@ -301,6 +324,7 @@ def prepare(src: str | Path, out: str | Path, tokenizer_spec: str = "bytes",
             "format": FORMAT_VERSION,
             "documents": writer.documents,
             "tokens": writer.tokens,
+            "supervised_tokens": writer.supervised_tokens,
             "shards": writer.shards,
             "skipped": dict(sorted(skipped.items())),
             "tokenizer": {"spec": tokenizer_spec, "name": tokenizer.name,
@@ -323,8 +347,31 @@ def prepare(src: str | Path, out: str | Path, tokenizer_spec: str = "bytes",
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _encode_into(writer: ShardWriter, tokenizer: Tokenizer, docs: list[RawDocument]) -> None:
-    if not docs:
-        return
-    for doc, ids in zip(docs, tokenizer.encode_batch([d.text for d in docs])):
+def _encode_into(writer: ShardWriter, tokenizer: Tokenizer, docs: list[RawDocument],
+                 skipped: Counter[str]) -> None:
+    """Documents are encoded in one batch; examples one by one, a bad one counted and skipped — but
+    `messages` without a chat template stop the run, as every such row would fail."""
+    texts = [d for d in docs if d.example is None]
+    for doc, ids in zip(texts, tokenizer.encode_batch([d.text for d in texts]) if texts else []):
         writer.add(ids, doc.source)
+    for doc in docs:
+        if doc.example is None:
+            continue
+        try:
+            if "messages" in doc.example:
+                if not tokenizer.chat_template:
+                    raise PrepareError(f"{doc.source}: `messages` rows need a tokenizer with a chat template "
+                                       "(--tokenizer MODEL_DIR whose tokenizer_config.json has chat_template)")
+                ids, spans = chat_example(tokenizer, doc.example["messages"])
+            else:
+                prompt, completion = doc.example["prompt"], doc.example["completion"]
+                if not (isinstance(prompt, str) and isinstance(completion, str)):
+                    raise InstructionError("`prompt` and `completion` must be strings")
+                ids, spans = pair_example(tokenizer, prompt, completion)
+        except InstructionError:
+            skipped["bad_example"] += 1
+            continue
+        if spans.size == 0:
+            skipped["bad_example"] += 1  # nothing the loss would see
+            continue
+        writer.add(ids, doc.source, spans)

@@ -60,6 +60,7 @@ def dataset_stats(folder: str | Path, lengths: np.ndarray | None = None) -> dict
     stats = length_stats(read_lengths(folder) if lengths is None else lengths)
     stats["skipped"] = manifest.get("skipped", {})
     stats["tokenizer"] = manifest["tokenizer"]["name"]
+    stats["supervised_tokens"] = int(manifest.get("supervised_tokens", stats["tokens"]))
     return stats
 
 
@@ -73,6 +74,9 @@ def render_table(stats: dict[str, Any], title: str) -> None:
         summary.add_row(key, f"{stats[key]:,.0f}")
     skipped = ", ".join(f"{n} {k}" for k, n in stats["skipped"].items()) or "none"
     summary.add_row("skipped", skipped)
+    if stats["supervised_tokens"] != stats["tokens"]:
+        share = stats["supervised_tokens"] / max(stats["tokens"], 1)
+        summary.add_row("supervised", f"{stats['supervised_tokens']:,} tokens ({share:.1%}; the rest are prompts)")
     console.print(summary)
     table = Table(title="tokens per length bucket")
     for col in ("length", "documents", "tokens", "% tokens"):
