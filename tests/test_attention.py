@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from parallel.attention import AttentionBackend, BlockMask, LocalAttention, block_attention, select_backend
 from parallel.choices import fastest_backend
 
-BACKENDS = ["math", "cpu_flash"]
+# "cpu_flash" routes as the cpu preset does; "cpu_flash_dense" sends every document of 8 tokens or more
+# through the dense kernel (CpuFlashDense), so that both halves of the CPU router are checked
+BACKENDS = ["math", "cpu_flash", "cpu_flash_dense"]
+
+
+def cpu_backend(name: str) -> AttentionBackend:
+    if name == "cpu_flash_dense":
+        return select_backend("cpu_flash", "cpu", dense_min=8)
+    return select_backend(name, "cpu")
 
 
 def reference(q, k, v, lengths, window=0):
@@ -46,7 +54,7 @@ def grads(out, tensors, seed=1):
 def test_packed_documents_match_reference(backend, hq, hkv, window):
     lengths = [7, 1, 20, 13]
     q, k, v, cu = inputs(lengths, hq, hkv)
-    out = LocalAttention(select_backend(backend, "cpu"), cu, max(lengths), window=window)(q, k, v)
+    out = LocalAttention(cpu_backend(backend), cu, max(lengths), window=window)(q, k, v)
     ref = reference(q, k, v, lengths, window)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
     for a, b in zip(grads(out, (q, k, v)), grads(ref, (q, k, v))):
@@ -57,7 +65,7 @@ def test_packed_documents_match_reference(backend, hq, hkv, window):
 def test_fp32_matches_fp64_reference(backend):
     lengths = [64, 100]
     q, k, v, cu = inputs(lengths, dtype=torch.float32)
-    out = LocalAttention(select_backend(backend, "cpu"), cu, 100)(q, k, v)
+    out = LocalAttention(cpu_backend(backend), cu, 100)(q, k, v)
     ref = reference(*(x.double() for x in (q, k, v)), lengths)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
 
@@ -68,7 +76,7 @@ def test_rows_without_visible_keys(backend):
     q, k, v, _ = inputs([12])
     q, k, v = q[:6], k[:3], v[:3]
     mask = BlockMask(torch.tensor([0, 6], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32), 6, 3)
-    be = select_backend(backend, "cpu")
+    be = cpu_backend(backend)
     out, lse = be.forward(q.detach(), k.detach(), v.detach(), mask, 0.25)
     assert torch.isneginf(lse[:, :3]).all() and torch.isfinite(lse[:, 3:]).all()
     assert (out[:3] == 0).all() and torch.isfinite(out).all()
@@ -123,6 +131,26 @@ class Counting(AttentionBackend):
 
     def backward(self, *args):
         return self.inner.backward(*args)
+
+
+@pytest.mark.parametrize("causal, nq, nk", [(True, 24, 24), (False, 24, 24), (False, 10, 30)])
+def test_cpu_flash_dense_batches_match_math(causal, nq, nk):
+    """The CPU router's dense kernel on a batch of three sequences (grouped K/V heads) equals the math
+    backend one sequence at a time: values, lse and gradients (fp64, 1e-12)."""
+    from parallel.attention.backends import CpuFlashDense, MathBackend
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, nq, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(3, nk, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    got, want = CpuFlashDense(), MathBackend()
+    out, lse = got.forward_batched(q, k, v, causal, 0.3)
+    w_out, w_lse = want.forward_batched(q, k, v, causal, 0.3)
+    torch.testing.assert_close(out, w_out, atol=1e-12, rtol=0)
+    torch.testing.assert_close(lse, w_lse, atol=1e-12, rtol=0)
+    for a, b in zip(got.backward_batched(dout, q, k, v, out, lse, causal, 0.3),
+                    want.backward_batched(dout, q, k, v, w_out, w_lse, causal, 0.3)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("lengths, window, groups", [

@@ -154,6 +154,49 @@ class CpuFlashBackend(AttentionBackend):
         return q.dtype if q.dtype == torch.float64 else torch.float32
 
 
+class DenseBatched(AttentionBackend):
+    """A kernel of dense sequences, `forward_batched` / `backward_batched` over [batch, length, heads,
+    dim]; one block is a batch of one (a single dense sequence, as `DocumentRouter` routes)."""
+
+    def forward_batched(self, q, k, v, causal, scale):
+        raise NotImplementedError
+
+    def backward_batched(self, dout, q, k, v, out, lse, causal, scale):
+        raise NotImplementedError
+
+    def forward(self, q, k, v, mask, scale):
+        out, lse = self.forward_batched(q[None], k[None], v[None], mask.causal, scale)
+        return out[0], lse[0]
+
+    def backward(self, dout, q, k, v, out, lse, mask, scale):
+        return tuple(g[0] for g in self.backward_batched(dout[None], q[None], k[None], v[None], out[None],
+                                                         lse[None], mask.causal, scale))
+
+
+class CpuFlashDense(DenseBatched):
+    """torch's CPU flash kernel on dense sequences, batched ([batch, length, heads, dim]), causal
+    without a mask, so that it skips the blocks above the diagonal; the dense half of the CPU's
+    `DocumentRouter` (whole documents of a micro-batch, each its own sequence)."""
+
+    name = "cpu_flash"
+
+    def forward_batched(self, q, k, v, causal, scale):
+        g = q.shape[2] // k.shape[2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), *(x.repeat_interleave(g, dim=2).transpose(1, 2) for x in (k, v)),
+            is_causal=causal, scale=scale)
+        return out.transpose(1, 2), lse.to(lse_dtype(q.dtype))
+
+    def backward_batched(self, dout, q, k, v, out, lse, causal, scale):
+        b, lk, hkv, d = k.shape
+        g = q.shape[2] // hkv
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.transpose(1, 2), q.transpose(1, 2), *(x.repeat_interleave(g, dim=2).transpose(1, 2) for x in (k, v)),
+            out.transpose(1, 2), lse.to(CpuFlashBackend._lse_kernel_dtype(q)), 0.0, causal, scale=scale)
+        fold = lambda x: x.transpose(1, 2).reshape(b, lk, hkv, g, d).sum(3)  # noqa: E731
+        return dq.transpose(1, 2), fold(dk), fold(dv)
+
+
 def _finite_lse_for_kernel(lse: torch.Tensor) -> torch.Tensor:
     """Flash kernels mark rows that see no key with lse = +inf (so exp(s − lse) = 0 in backward)."""
     return lse.masked_fill(torch.isneginf(lse), float("inf"))
@@ -180,7 +223,7 @@ class FlashVarlenBackend(AttentionBackend):
         return dq, dk, dv
 
 
-class CudnnDense(AttentionBackend):
+class CudnnDense(DenseBatched):
     """cuDNN fused attention over dense sequences (≈ 1.8× the flash op on an H200), batched, with
     grouped K/V heads as they are (native GQA). Its causal mask is top-left aligned: causal
     sequences must be square (`parallel.attention.dispatch` routes only such). Nothing of one call
@@ -205,10 +248,3 @@ class CudnnDense(AttentionBackend):
             k.shape[1], 0.0, causal, scale=scale)
         return tuple(g.transpose(1, 2) for g in grads)
 
-    def forward(self, q, k, v, mask, scale):
-        out, lse = self.forward_batched(q[None], k[None], v[None], mask.causal, scale)
-        return out[0], lse[0]
-
-    def backward(self, dout, q, k, v, out, lse, mask, scale):
-        return tuple(g[0] for g in self.backward_batched(dout[None], q[None], k[None], v[None], out[None],
-                                                         lse[None], mask.causal, scale))

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from parallel.attention.backends import (AttentionBackend, CpuFlashBackend, CudnnDense, FlashVarlenBackend,
-                                         MathBackend, lse_dtype)
+from parallel.attention.backends import (AttentionBackend, CpuFlashBackend, CpuFlashDense, CudnnDense,
+                                         FlashVarlenBackend, MathBackend, lse_dtype)
 from parallel.attention.mask import BlockMask, Rows, select_rows
 from parallel.choices import CUDA_BACKENDS
 from parallel.planner.hardware import HardwareProfile
@@ -164,9 +164,9 @@ def _put(x: torch.Tensor, rows: Rows, value: torch.Tensor) -> None:
 
 
 BACKENDS = {
-    "math": MathBackend,
-    "cpu_flash": CpuFlashBackend,
-    "flash": FlashVarlenBackend,
+    "math": lambda dense_min: MathBackend(),
+    "cpu_flash": lambda dense_min: DocumentRouter(CpuFlashDense(), CpuFlashBackend(), dense_min),
+    "flash": lambda dense_min: FlashVarlenBackend(),
     "cudnn": lambda dense_min: DocumentRouter(CudnnDense(), FlashVarlenBackend(), dense_min),
 }
 
@@ -174,10 +174,10 @@ BACKENDS = {
 def select_backend(name: str, device: torch.device | str,
                    dense_min: int = HardwareProfile.dense_min_tokens) -> AttentionBackend:
     """The named backend, checked to run on `device` (`parallel.choices.fastest_backend` names the
-    one `auto` stands for); `dense_min` is the hardware profile's routing threshold (cuDNN)."""
+    one `auto` stands for); `dense_min` is the hardware profile's routing threshold (cuDNN, CPU flash)."""
     device = torch.device(device)
     if name not in BACKENDS:
         raise ValueError(f"attention backend '{name}' is not available here (have: {', '.join(BACKENDS)})")
     if name in CUDA_BACKENDS and device.type != "cuda":
         raise ValueError(f"attention backend '{name}' needs a CUDA device")
-    return BACKENDS[name](dense_min) if name == "cudnn" else BACKENDS[name]()
+    return BACKENDS[name](dense_min)

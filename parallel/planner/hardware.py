@@ -63,7 +63,8 @@ PRESETS = {
                            attention_tflops=0.02, attention_token_s=0.0, short_attention_tflops=0.02,
                            short_attention_token_s=0.0, step_overhead_s=0.0, optimizer_s_per_param=0.0,
                            intra_node_gbps=2.0, inter_node_gbps=1.0, gpus_per_node=64,
-                           microbatch_overhead_s=0.02, hop_latency_s=1e-4),
+                           microbatch_overhead_s=0.02, hop_latency_s=1e-4,
+                           dense_min_tokens=64),  # CPU flash per document ≈ 2× its masked packed call
 }
 
 
