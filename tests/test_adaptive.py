@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from tests.test_training import train_rank
 from launch.cli import main
 from trainer.config import ModelConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336).shape
 
 
@@ -96,8 +98,8 @@ def test_a_sequence_that_fits_no_group_names_its_length():
 
 
 def test_context_longer_than_the_largest_group_is_rejected_before_start(small_dataset, tmp_path, capsys):
-    code = main(["train", "configs/train/demo.yaml", f"data.path={small_dataset}", "cluster.workers=4",
-                 "parallel.sp.degree=4", "parallel.sp.mode=adaptive", "parallel.sp.tokens_per_gpu=100",
+    code = main(["train", "configs/train/demo.yaml", f"data.path={small_dataset}", f"run_dir={tmp_path}",
+                 "cluster.workers=4", "parallel.sp.degree=4", "parallel.sp.mode=adaptive", "parallel.sp.tokens_per_gpu=100",
                  "data.context_len=512", "train.global_microbatches=4"])
     assert code == 2
     assert "data.context_len=512 tokens fits no SP group: the largest (4 ranks × 100 tokens per rank) holds 400" \
@@ -127,3 +129,63 @@ def test_ten_adaptive_steps_equal_static_sp(uneven_dataset, tmp_path):
     assert len(sizes) >= 2, groups  # the steps really used groups of different sizes
     assert sum(r["tokens"] for r in records) == sum(
         json.loads(line)["tokens"] for line in (tmp_path / "static" / "metrics.jsonl").read_text().splitlines())
+
+
+def record_rank(rank: int, world: int, overrides: list[str]):
+    """Trains, keeping each step's sequence lengths, the broadcast plan and the micro-batches this rank ran."""
+    from tests.test_training import job_for
+    from trainer.adaptive_work import AdaptiveWork, step_sequences
+    from trainer.loop import Trainer
+
+    trainer = Trainer(job_for(overrides, world))
+    steps, ran = [], []
+    solve = trainer.work.plan
+
+    def recorded_plan(batches):
+        plan = solve(batches)
+        steps.append((step_sequences(batches)[1], [(g.start, g.size, g.microbatches) for g in plan.groups]))
+        return plan
+
+    class RecordingWork(AdaptiveWork):
+        def __call__(self, batches):
+            work = super().__call__(batches)
+            ran.append([b.doc_lengths() for b, _ in work.items])
+            return work
+
+    trainer.work.plan = recorded_plan
+    trainer.work.__class__ = RecordingWork
+    trainer.fit()
+    return steps, ran
+
+
+def test_the_simulator_plans_what_the_trainer_runs(uneven_dataset, tmp_path):
+    """Two ranks, adaptive SP (greedy): for every step, `benchmarks/adaptive_sim.py`'s Loom policy on
+    that step's lengths, with the job's cost model and budget, gives the plan the trainer broadcast
+    (same groups, same sequences in the same micro-batches), and each rank ran exactly its group's
+    micro-batches."""
+    import importlib.util
+
+    from tests.test_training import job_for
+
+    spec = importlib.util.spec_from_file_location("adaptive_sim", ROOT / "benchmarks" / "adaptive_sim.py")
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    profile = tmp_path / "slow_links.json"  # short pieces alone on one rank, long ones on both
+    HardwareProfile(name="test", intra_node_gbps=0.01, microbatch_overhead_s=1e-4).save(profile)
+    ov = tiny_overrides(uneven_dataset, tmp_path) + [
+        "train.max_steps=10", "checkpoint.every=100", "train.global_microbatches=1", "parallel.sp.degree=2",
+        "data.context_len=512", "parallel.sp.mode=adaptive", "parallel.sp.tokens_per_gpu=256",
+        "parallel.sp.solver_time_s=0",
+        f"cluster.profile={profile}"]
+    ranks = run_ranks(record_rank, 2, ov)
+    job = job_for(ov, 2)
+    kinds = set()
+    for step, (lengths, groups) in enumerate(ranks[0][0]):
+        simulated = sim.loom_planner(job.cost_model(), 2, 2, job.tokens_per_gpu, 0.0).solve(lengths)
+        assert [(g.start, g.size, g.microbatches) for g in simulated.groups] == groups, step
+        for rank, (_, ran) in enumerate(ranks):
+            mine = next(((s, mbs) for s, size, mbs in groups if s <= rank < s + size), None)
+            expected = [[lengths[i] for i in mb] for mb in mine[1]] if mine else [[]]
+            assert ran[step] == expected, (step, rank)
+        kinds.add(tuple(size for _, size, _ in groups))
+    assert len(kinds) >= 2, (kinds, [s[0] for s in ranks[0][0]])  # the steps really planned differently

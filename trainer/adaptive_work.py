@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from parallel.attention import AttentionBackend, LocalAttention
 from parallel.mesh import ParallelDims
-from parallel.planner.adaptive import AdaptivePlanner, Plan, SequenceTooLong, solve_or_explain
+from parallel.planner.adaptive import Plan, SequenceTooLong, solve_or_explain, trainer_planner
 from parallel.planner.cost_model import CostModel
 from parallel.sequence_parallel import SequenceParallelAttention, make_layout
 from trainer.config import JobConfig
@@ -67,8 +67,7 @@ class AdaptiveWork:
         self.cfg, self.dims, self.backend, self.device, self.peek_next = cfg, dims, backend, device, peek_next
         self.pool_rank = pool.index(dist.get_rank())
         solver_time_s = cfg.parallel.sp.solver_time_s
-        self.planner = AdaptivePlanner(cost, len(pool), dims.layout.sp, tokens_per_gpu, time_limit_s=solver_time_s,
-                                       use_milp=solver_time_s > 0)
+        self.planner = trainer_planner(cost, len(pool), dims.layout.sp, tokens_per_gpu, solver_time_s)
         self._pending: cf.Future | None = None
         self._solver: cf.ProcessPoolExecutor | None = None
         if dist.get_rank() == 0 and solver_time_s > 0:

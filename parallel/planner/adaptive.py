@@ -297,6 +297,13 @@ class AdaptivePlanner:
         return plan
 
 
+def trainer_planner(cost: CostModel, ranks: int, max_group: int, tokens_per_gpu: int,
+                    solver_time_s: float) -> AdaptivePlanner:
+    """The planner as the trainer runs it: greedy, then the MILP polish within `solver_time_s` (0: greedy only)."""
+    return AdaptivePlanner(cost, ranks, max_group, tokens_per_gpu, time_limit_s=solver_time_s,
+                           use_milp=solver_time_s > 0)
+
+
 def quiet_highs():
     """A HiGHS model with its log off. The first one a process makes prints HiGHS's banner straight
     to file descriptor 1, before any option can be set: that descriptor points elsewhere meanwhile."""
