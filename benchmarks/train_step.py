@@ -145,7 +145,8 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
         "variant": name, "model": args.model, "params_b": round(trainer.params / 1e9, 3), "seq": args.seq,
         "dp": args.dp, "sp": args.sp, "sp_method": args.sp_method if args.sp > 1 else None,
         "attention_backend": "sdpa" if name == "sdpa" else trainer.backend.name, "compiled": job.compile,
-        "blocks_recomputed": job.recomputed_blocks, "loss_chunk": args.loss_chunk,
+        "blocks_recomputed": job.recomputed_blocks, "attention_kept": job.memory_saving.keep_attention,
+        "mlp_tile": job.memory_saving.mlp_tile, "loss_chunk": args.loss_chunk,
         "data": args.data or (f"random text, lengths of {Path(args.lengths).name}" if args.lengths
                               else f"random, {args.seq:,}-token documents"),
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / sum(times)),
@@ -176,13 +177,15 @@ def predicted(trainer: Trainer, args: argparse.Namespace, data: Path, records: l
     job = trainer.job
     hw = job.hardware
     gpus = args.dp * args.sp
-    cost = replace(job.cost_model(), recomputed=job.recomputed_blocks / job.model.n_layers)
+    cost = job.cost_model()
     per_step = [sum(cost.microbatch_time(mb, args.sp) for mb in step) + cost.step_fixed_time(gpus) for step in steps]
     lengths = TokenDataset(data).lengths
     search = PlanSearch(job.model.shape, Cluster(1, replace(hw, gpus_per_node=gpus)),
                         Histogram.from_lengths(lengths, args.seq), args.seq * (args.microbatches or args.dp))
+    saving = job.memory_saving
     layout = Candidate(args.dp, 1, 1, args.sp, args.sp_method, "static", args.seq,
-                       recomputed=job.recomputed_blocks / job.model.n_layers)
+                       recomputed=saving.recomputed / job.model.n_layers, keep_attention=saving.keep_attention,
+                       mlp_tile=saving.mlp_tile)
     step_s, _, _ = search.static_time(layout)
     return {"predicted_step_s": round(statistics.mean(per_step), 4), "planner_step_s": round(step_s, 4),
             "predicted_mem_gb": round(search.memory_gb(layout), 2), "profile": hw.name}

@@ -50,15 +50,15 @@ def test_bad_values_raise_one_line(override, message):
     (["parallel.dp=4"], "layout dp=4 × pp=1 × tp=1 × sp=1 does not multiply to 2 workers"),
     (["checkpoint.folder=file:///tmp/x", "parallel.dp_engine=deepspeed"], "not a URL"),
 ])
-def test_cli_train_rejects_bad_input_before_starting(override, message, capsys, small_dataset):
+def test_cli_train_rejects_bad_input_before_starting(override, message, capsys, small_dataset, tmp_path):
     t0 = time.time()
-    code = main(["train", DEMO, f"data.path={small_dataset}", *override])
+    code = main(["train", DEMO, f"data.path={small_dataset}", f"run_dir={tmp_path}", *override])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("loom: error: ") and message in err and err.count("\n") == 1
     assert time.time() - t0 < 5, "validation must not start a cluster"
 
 
-def test_vocab_smaller_than_dataset_is_rejected(capsys, small_dataset):
-    assert main(["train", DEMO, f"data.path={small_dataset}", "model.vocab_size=100"]) == 2
+def test_vocab_smaller_than_dataset_is_rejected(capsys, small_dataset, tmp_path):
+    assert main(["train", DEMO, f"data.path={small_dataset}", f"run_dir={tmp_path}", "model.vocab_size=100"]) == 2
     assert "model.vocab_size=100 is smaller than the dataset's vocabulary (259, bytes)" in capsys.readouterr().err

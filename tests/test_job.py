@@ -3,11 +3,14 @@ makes — against hand counts, a real model's parameters and the cost model's ow
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from launch.ray_job import _target
 from parallel.layout import Layout, largest_ulysses, ring_and_ulysses
-from parallel.planner.cost_model import CostModel
+from parallel.planner.cost_model import MEMORY_RESERVE, CostModel
+from parallel.planner.memory_saving import choose
 from parallel.planner.hardware import PRESETS, named_profile
 from parallel.planner.shape import fewest_blocks
 from trainer.config import ConfigError, ModelConfig, load_config
@@ -81,8 +84,15 @@ def test_resolve_decides_for_the_workers_device(small_dataset):
     assert (cpu.attention_backend, cpu.precision, cpu.compile) == ("cpu_flash", "fp32", False)
     assert gpu.hardware.name == "H200" and gpu.hardware.gpu_memory_gb == 80.0  # the cluster's override wins
     assert gpu.peak_tflops == 989.0 and cpu.peak_tflops is None
-    want = CostModel(cfg.model.shape, gpu.hardware, loss_chunk=8192).blocks_to_recompute(65536, shard=2)
-    assert 0 < gpu.recomputed_blocks == want < cfg.model.n_layers
+    # auto memory saving: it fits, one block fewer would not, and it is no slower than recomputing whole blocks
+    saving, n = gpu.memory_saving, cfg.model.n_layers
+    base = CostModel(cfg.model.shape, gpu.hardware, loss_chunk=8192)
+    need = lambda s: (s.applied(base).state_bytes(2) + s.applied(base).activation_bytes(65536)) / 2**30  # noqa: E731
+    limit = 80.0 * MEMORY_RESERVE
+    assert 0 < saving.recomputed < n and need(saving) <= limit < need(replace(saving, recomputed=saving.recomputed - 1))
+    plain = choose(n, [(False, 0)], None, need, limit, lambda s: 0.0)
+    assert saving.applied(base).microbatch_time([65536], 1) <= plain.applied(base).microbatch_time([65536], 1)
+    assert saving.keep_attention  # one GPU: keeping attention outputs beats running attention again
     with pytest.raises(ConfigError, match="model.attention_backend=cudnn needs CUDA GPUs"):
         resolve(load_config(DEMO, [f"data.path={small_dataset}", "model.attention_backend=cudnn"]), Target("cpu"))
 
@@ -133,7 +143,9 @@ def test_a_micro_batch_that_cannot_fit_is_refused_naming_what_it_needs(small_dat
     base = [f"data.path={small_dataset}", "model=llama-1b-long", "data.context_len=131072",
             "data.tokens_per_microbatch=131072", "cluster.workers=1", "train.loss_chunk=8192"]
     with pytest.raises(ConfigError, match=r"a micro-batch of 131,072 tokens \(131,072 per GPU\) needs 1\d\d\.\d GB on "
-                                          r"each GPU with 0 of 16 blocks recomputed; the GPUs hold 139\.8 GB"):
-        resolve(load_config(DEMO, base + ["train.activation_checkpointing=false"]), H200)
-    job = resolve(load_config(DEMO, base + ["train.activation_checkpointing=auto"]), H200)
+                                          r"each GPU with 0/16 blocks recomputed; the GPUs hold 139\.8 GB"):
+        resolve(load_config(DEMO, base + ["train.activation_checkpointing=false", "train.mlp_tile_tokens=0"]), H200)
+    job = resolve(load_config(DEMO, base + ["train.activation_checkpointing=auto", "train.mlp_tile_tokens=0"]), H200)
     assert 0 < job.recomputed_blocks < 16  # auto recomputes what it must
+    tiled = resolve(load_config(DEMO, base + ["train.activation_checkpointing=false"]), H200)
+    assert tiled.memory_saving.mlp_tile == 16384  # SwiGLU tiles (auto) let it fit without recomputing

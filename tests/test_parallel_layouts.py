@@ -14,8 +14,12 @@ from tests.distributed import run_ranks
 from tests.test_training import train_rank
 from launch.cli import main
 
+MEMORY_SAVING = ["train.activation_checkpointing=true", "train.keep_attention=true", "train.mlp_tile_tokens=96"]
 LAYOUTS = {
-    2: {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "sp2": ["parallel.sp.degree=2"]},
+    2: {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "sp2": ["parallel.sp.degree=2"],
+        # every block recomputed keeping its attention output, the SwiGLU in tiles of 96 of a rank's 256 tokens
+        "tp2 kept tiled": ["parallel.tp=2", *MEMORY_SAVING],
+        "sp2 ulysses kept tiled": ["parallel.sp.degree=2", "parallel.sp.method=ulysses", *MEMORY_SAVING]},
     4: {"dp2·tp2": ["parallel.dp=2", "parallel.tp=2"], "tp2·pp2": ["parallel.tp=2", "parallel.pp=2"],
         "dp2·sp2": ["parallel.dp=2", "parallel.sp.degree=2"], "tp2·sp2": ["parallel.tp=2", "parallel.sp.degree=2"],
         "pp2·sp2": ["parallel.pp=2", "parallel.sp.degree=2"]},
@@ -121,7 +125,8 @@ def test_deepspeed_settings_of_the_user_are_kept():
     (["cluster.workers=2", "parallel.pp=2", "train.global_microbatches=1"], "pp=2 needs at least pp micro-batches per data-parallel rank"),
     (["cluster.workers=4", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], "interleaved_1f1b needs parallel.pp_virtual >= 2"),
 ])
-def test_bad_layouts_are_rejected_before_start(override, message, capsys, small_dataset):
-    code = main(["train", "configs/train/demo.yaml", f"data.path={small_dataset}", "model=tiny", *override])
+def test_bad_layouts_are_rejected_before_start(override, message, capsys, small_dataset, tmp_path):
+    code = main(["train", "configs/train/demo.yaml", f"data.path={small_dataset}", f"run_dir={tmp_path}", "model=tiny",
+                 *override])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err

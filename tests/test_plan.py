@@ -117,10 +117,12 @@ def test_invalid_cluster_specs_get_one_clear_line(override, message, capsys, sma
 
 def test_each_layout_recomputes_the_fewest_blocks_that_fit():
     """Selective checkpointing: a feasible layout fits with its block count and would not with one
-    block fewer; the trainer's `auto` (CostModel.blocks_to_recompute) obeys the same rule."""
+    block fewer (with its kept attention and tiles); the trainer's `auto` rule
+    (parallel.planner.memory_saving.choose) gives the same count for whole blocks."""
     from dataclasses import replace
 
-    from parallel.planner.cost_model import CostModel
+    from parallel.planner.cost_model import MEMORY_RESERVE, CostModel
+    from parallel.planner.memory_saving import choose
 
     s = search(memory_gb=80.0)
     found = s.run(BUDGETS, adaptive=False)
@@ -130,9 +132,12 @@ def test_each_layout_recomputes_the_fewest_blocks_that_fit():
         if c.feasible and c.recomputed > 0:
             assert s.memory_gb(replace(c, recomputed=c.recomputed - 1 / LLAMA_8B.n_layers)) > 80.0
     cost = CostModel(LLAMA_8B, replace(PRESETS["H100"], gpu_memory_gb=80.0), loss_chunk=8192)
-    counts = [cost.blocks_to_recompute(tokens, shard=8) for tokens in (4096, 16384, 32768, 65536)]
+    limit = cost.hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE
+    tokens_list = (4096, 16384, 32768, 65536)
+    counts = [choose(32, [(False, 0)], None, lambda s, t=tokens: s.applied(cost).state_bytes(8)
+                     + s.applied(cost).activation_bytes(t), limit, lambda s: 0.0).recomputed for tokens in tokens_list]
     assert counts == sorted(counts) and counts[0] == 0 and 0 < counts[-1]
-    for tokens, k in zip((4096, 16384, 32768, 65536), counts):
+    for tokens, k in zip(tokens_list, counts):
         fits = lambda blocks: (replace(cost, recomputed=blocks / 32).activation_bytes(tokens)  # noqa: E731
                                <= cost.free_bytes(8))
         assert (k == 32 or fits(k)) and (k == 0 or not fits(k - 1))

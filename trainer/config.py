@@ -121,6 +121,13 @@ class TrainConfig:
     # recompute blocks' activations in backward: false | true (every block) | N (N blocks, evenly spaced)
     # | auto (the fewest blocks that let a micro-batch fit the GPU, by the cost model's memory estimate)
     activation_checkpointing: bool | int | str = False
+    # recomputed blocks keep their attention kernels' output, so backward runs only their matmuls and
+    # element-wise work again (not with ring SP: every hop's partial output would be kept); auto: where
+    # the cost model finds it faster within memory
+    keep_attention: bool | Literal["auto"] = "auto"
+    # the SwiGLU runs in tiles of this many tokens, each recomputed in backward (0: untiled); auto: tiles of
+    # 16,384 where a rank holds more tokens and the cost model finds it faster within memory
+    mlp_tile_tokens: int | Literal["auto"] = "auto"
     compile: bool | Literal["auto"] = "auto"  # torch.compile RMSNorm, SwiGLU and the q/k/v projections with RoPE; auto: on CUDA
     nonfinite: Literal["skip", "stop"] = "skip"  # a non-finite loss or gradient norm: skip the update, or stop
     max_consecutive_skips: int = 5  # skip: stop after this many non-finite steps in a row
@@ -256,6 +263,10 @@ def validate(cfg: JobConfig) -> None:
     ac = t.activation_checkpointing
     _require(isinstance(ac, bool) or ac == "auto" or (isinstance(ac, int) and 0 <= ac <= m.n_layers),
              f"train.activation_checkpointing must be true, false, auto or a block count 0..{m.n_layers}, got {ac!r}")
+    _require(t.mlp_tile_tokens == "auto" or (isinstance(t.mlp_tile_tokens, int) and t.mlp_tile_tokens >= 0),
+             f"train.mlp_tile_tokens must be auto, 0 (untiled) or a positive token count, got {t.mlp_tile_tokens!r}")
+    _require(t.keep_attention in (True, False, "auto"), f"train.keep_attention must be true, false or auto, "
+             f"got {t.keep_attention!r}")
     if "://" in cfg.checkpoint.folder:
         _check_url(cfg.checkpoint.folder)
     _require(c.workers % c.nodes == 0, f"cluster.workers={c.workers} is not divisible by cluster.nodes={c.nodes}")

@@ -2,8 +2,8 @@
 
 `resolve(cfg, target)` checks every layout and compatibility rule and decides the parallel
 degrees, the hardware profile (the workers' device, its memory, the cluster's overrides), the
-attention backend, precision and compilation, how many blocks recompute their activations and
-the adaptive SP budget. The CLI's pre-flight, `loom plan`, `loom profile`, the launcher, every
+attention backend, precision and compilation, how activations fit (recomputed blocks, kept
+attention outputs, SwiGLU tiles) and the adaptive SP budget. The CLI's pre-flight, `loom plan`, `loom profile`, the launcher, every
 worker and the benchmarks use its `Job`, so no two of them can disagree; a mistake is one
 `ConfigError` line before any worker starts. `Target` is the device the workers run on: the
 launcher finds it (this machine for an embedded cluster, a probe of a remote one) and hands it in.
@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from parallel.choices import CUDA_BACKENDS, AttentionBackendName, fastest_backend
 from parallel.layout import Layout, largest_ulysses, ring_and_ulysses
-from parallel.planner.cost_model import CostModel
+from parallel.planner.cost_model import MEMORY_RESERVE, CostModel
 from parallel.planner.hardware import HardwareProfile, UnknownProfile, named_profile
+from parallel.planner.memory_saving import MemorySaving, choose, options
 from trainer.config import ConfigError, JobConfig, ModelConfig, config_from_dict
 
 Precision = Literal["fp32", "bf16"]
@@ -51,8 +52,12 @@ class Job:
     attention_backend: AttentionBackendName
     precision: Precision
     compile: bool
-    recomputed_blocks: int
+    memory_saving: MemorySaving
     tokens_per_gpu: int  # adaptive SP: activation budget per rank; 0 for static layouts
+
+    @property
+    def recomputed_blocks(self) -> int:
+        return self.memory_saving.recomputed
 
     @property
     def model(self) -> ModelConfig:
@@ -64,11 +69,13 @@ class Job:
         return self.cfg.cluster.peak_tflops or self.hardware.peak_tflops or None
 
     def cost_model(self) -> CostModel:
-        return cost_model(self.cfg, self.layout, self.hardware)
+        """The job's cost model, with its memory saving applied."""
+        return self.memory_saving.applied(cost_model(self.cfg, self.layout, self.hardware))
 
 
 def cost_model(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> CostModel:
-    """The job's cost model: its model, hardware, SP method's communication and loss chunking."""
+    """The job's cost model (its model, hardware, SP method's communication and loss chunking),
+    before any memory saving."""
     method = "ulysses" if layout.sp_method == "ulysses" else "ring"
     return CostModel(cfg.model.shape, hw, method=method, loss_chunk=cfg.train.loss_chunk)
 
@@ -128,6 +135,9 @@ def check_layout(cfg: JobConfig, world: int | None = None) -> Layout:
                  "parallel.dp_engine=deepspeed runs data parallelism only (tp = pp = sp.degree = 1)")
         _require("://" not in cfg.checkpoint.folder,
                  "parallel.dp_engine=deepspeed saves its checkpoints to a local or shared path, not a URL")
+    _require(t.keep_attention is not True or ring == 1,
+             f"train.keep_attention keeps one attention output per block; with ring SP (degree {ring}) every hop's "
+             f"partial output would be kept: use parallel.sp.method=ulysses or train.keep_attention=false")
     if p.sp.degree > 1:
         if m.has_linear:
             _require(p.sp.method in ("ring", "ring_bidir", "allgather"),
@@ -186,17 +196,22 @@ def hardware(cfg: JobConfig, target: Target) -> HardwareProfile:
     return replace(hw, gpus_per_node=c.workers // c.nodes, **overrides)
 
 
-def recomputed_blocks(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
-    """The configured count, or for `auto` the fewest blocks that let one micro-batch's share of a
-    rank (tokens / sp) fit the device's memory."""
-    setting, n = cfg.train.activation_checkpointing, cfg.model.n_layers
-    if isinstance(setting, bool):
-        return n if setting else 0
-    if isinstance(setting, int):
-        return setting
-    return cost_model(cfg, layout, hw).blocks_to_recompute(cfg.data.tokens_per_microbatch // layout.sp,
-                                                          layout.dp * layout.sp,
-                                                          cfg.train.global_microbatches // layout.dp)
+def memory_saving(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> MemorySaving:
+    """Recomputed blocks, kept attention outputs and SwiGLU tiles, as configured; what is `auto` is
+    chosen by `parallel.planner.memory_saving`'s rule for one micro-batch's share of a rank
+    (tokens / sp): the fewest blocks recomputed that fit the device, then the fastest."""
+    t, n = cfg.train, cfg.model.n_layers
+    setting = t.activation_checkpointing
+    blocks = None if setting == "auto" else (n if setting is True else int(setting))
+    per_rank = cfg.data.tokens_per_microbatch // layout.sp
+    shard, microbatches = layout.dp * layout.sp, cfg.train.global_microbatches // layout.dp
+    cost = cost_model(cfg, layout, hw)
+    combos = options(None if t.keep_attention == "auto" else t.keep_attention,
+                     None if t.mlp_tile_tokens == "auto" else t.mlp_tile_tokens, layout.ring == 1, per_rank)
+    return choose(n, combos, blocks,
+                  lambda s: s.applied(cost).state_bytes(shard, microbatches=microbatches)
+                  + s.applied(cost).activation_bytes(per_rank), hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE,
+                  lambda s: s.applied(cost).microbatch_time([cfg.data.tokens_per_microbatch], layout.sp))
 
 
 def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
@@ -222,23 +237,23 @@ def resolve(cfg: JobConfig, target: Target, world: int | None = None) -> Job:
     hw = hardware(cfg, target)
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if target.device == "cuda" else "fp32")
     compile_ = cfg.train.compile if cfg.train.compile != "auto" else target.device == "cuda"
-    recomputed = recomputed_blocks(cfg, layout, hw)
+    saving = memory_saving(cfg, layout, hw)
     if target.device == "cuda" and not layout.adaptive:
-        check_memory(cfg, layout, hw, recomputed)
-    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), recomputed, adaptive_budget(cfg, layout, hw))
+        check_memory(cfg, layout, hw, saving)
+    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), saving, adaptive_budget(cfg, layout, hw))
 
 
-def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, recomputed: int) -> None:
+def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: MemorySaving) -> None:
     """The largest micro-batch must fit a GPU by the cost model's memory estimate (its share per
-    rank, with the blocks the job recomputes); else one line naming it and what it needs."""
+    rank, with the job's memory saving); else one line naming it and what it needs."""
     n, tokens = cfg.model.n_layers, cfg.data.tokens_per_microbatch
-    cost = replace(cost_model(cfg, layout, hw), recomputed=recomputed / n)
+    cost = saving.applied(cost_model(cfg, layout, hw))
     shard = layout.dp * layout.sp
     per_rank = tokens // layout.sp
     need = (cost.state_bytes(shard, microbatches=cfg.train.global_microbatches // layout.dp) / (layout.tp * layout.pp)
             + cost.activation_bytes(per_rank) / layout.tp) / 2**30
     _require(need <= hw.gpu_memory_gb, f"a micro-batch of {tokens:,} tokens ({per_rank:,} per GPU) needs {need:.1f} GB "
-             f"on each GPU with {recomputed} of {n} blocks recomputed; the GPUs hold {hw.gpu_memory_gb:.1f} GB: "
+             f"on each GPU with {saving.describe(n)}; the GPUs hold {hw.gpu_memory_gb:.1f} GB: "
              f"recompute more (train.activation_checkpointing=auto), lower data.tokens_per_microbatch or raise "
              f"parallel.sp.degree")
 

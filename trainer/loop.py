@@ -107,14 +107,16 @@ class Trainer:
         """The pipeline stages this rank runs and their model parts, made parallel."""
         cfg, dims = self.cfg, self.dims
         torch.manual_seed(cfg.train.seed)  # the whole model is initialised alike on every rank, then split
-        model = Transformer(cfg.model).to(self.device)
+        with torch.device(self.device):  # built where it runs: no whole fp32 copy in host memory first
+            model = Transformer(cfg.model)
         self.params = num_params(model)
         stages = stage_ids(dims.pp_rank, dims.layout.pp, dims.layout.pp_virtual)
         parts = [split_model(model, s, dims.layout.stages) for s in stages] if dims.layout.pp > 1 else [model]
         recomputed = recomputed_block_ids(self.job.recomputed_blocks, cfg.model.n_layers)
         for part in parts:
             parallelize(part, dims, recomputed, self.job.compile, fsdp=cfg.parallel.dp_engine == "fsdp2",
-                        param_dtype=self.dtype)
+                        param_dtype=self.dtype, keep_attention=self.job.memory_saving.keep_attention,
+                        mlp_tile=self.job.memory_saving.mlp_tile)
         if cfg.model.init_from:  # each rank reads the slices it holds; a run's own checkpoint, if any, follows
             load_pretrained(parts, cfg.model.init_from, cfg.model.tie_embeddings)
         return stages, parts
@@ -198,8 +200,7 @@ class Trainer:
         cfg, job = self.cfg, self.job
         log0(f"model: {self.params / 1e6:.2f}M parameters, {job.precision} compute, attention backend "
              f"'{self.backend.name}', layout {job.layout.describe()}, device {self.device.type}, "
-             f"{job.recomputed_blocks}/{cfg.model.n_layers} blocks recomputed, "
-             f"{'compiled' if job.compile else 'eager'} element-wise ops")
+             f"{job.memory_saving.describe(cfg.model.n_layers)}, {'compiled' if job.compile else 'eager'} element-wise ops")
         start = self.resume()
         if cfg.model.init_from and start == 0:
             scaling = cfg.model.rope_scaling

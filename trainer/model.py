@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 from parallel.linear_attention import FEATURE_MAPS, decay_rates
 from trainer.config import ModelConfig
@@ -99,6 +101,16 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def tiled(ffn: nn.Module, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """`ffn(x)` for a token-wise `ffn`, `tile` tokens at a time, each tile recomputed in backward: of
+    its activations only the input is kept, and its hidden ones exist for one tile at a time."""
+    if tile <= 0 or x.shape[0] <= tile:
+        return ffn(x)
+    if isinstance(x, DTensor):  # tp's sequence-parallel activations: tiles of this rank's tokens (ffn gathers each)
+        x = x.to_local()
+    return torch.cat([checkpoint(ffn, part, use_reentrant=False, preserve_rng_state=False) for part in x.split(tile)])
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, kind: str = "S"):
         super().__init__()
@@ -106,10 +118,11 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg) if kind == "S" else LinearAttention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        self.mlp_tile = 0  # tokens per SwiGLU tile (0: untiled); set by the trainer
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mixers: Mixers) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mixers)
-        return x + self.feed_forward(self.ffn_norm(x))
+        return x + tiled(self.feed_forward, self.ffn_norm(x), self.mlp_tile)
 
 
 class Transformer(nn.Module):

@@ -18,11 +18,13 @@ meshes) and with DCP resharding, and run on gloo for the CPU tests.
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
@@ -96,24 +98,41 @@ def recomputed_block_ids(count: int, n_layers: int) -> set[int]:
     return {j * n_layers // count for j in range(count)} if count > 0 else set()
 
 
-def apply_activation_checkpointing(model: nn.Module, blocks: set[int]) -> None:
+# the attention kernels' forward ops: a block that keeps its attention output saves what these return
+ATTENTION_KERNELS = {op for op in (
+    getattr(torch.ops.aten, name).default for name in (
+        "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention"))}
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, blocks: set[int], keep_attention: bool = False) -> None:
     """Wraps the named transformer blocks (global layer indices; a pipeline stage holds some) so that
     their activations are recomputed in backward (non-reentrant: collectives inside, such as the
-    ring's, simply run again in the same order on every rank)."""
+    ring's, simply run again in the same order on every rank). With `keep_attention` the attention
+    kernels' outputs are saved instead (selective checkpointing by op): backward then runs only the
+    block's matmuls and element-wise work again."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    kwargs = {"context_fn": partial(create_selective_checkpoint_contexts, _keep_attention)} if keep_attention else {}
     for name, block in list(model.layers.items()):
         if int(name) in blocks:
-            model.layers[name] = checkpoint_wrapper(block)
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
 
 
 def parallelize(part: Transformer, dims: ParallelDims, recomputed: set[int], compiled: bool,
-                fsdp: bool, param_dtype: torch.dtype) -> None:
-    """Makes one model part parallel in place: tp → activation checkpointing → compile → FSDP.
-    Adaptive SP runs different numbers of micro-batches per rank: FSDP then gathers once per step."""
+                fsdp: bool, param_dtype: torch.dtype, keep_attention: bool = False, mlp_tile: int = 0) -> None:
+    """Makes one model part parallel in place: tp → activation checkpointing (and SwiGLU tiles) →
+    compile → FSDP. Adaptive SP runs different numbers of micro-batches per rank: FSDP then gathers
+    once per step."""
     if dims.layout.tp > 1:
         apply_tp(part, dims.mesh["tp"])
-    apply_activation_checkpointing(part, recomputed)
+    for block in part.layers.values():
+        block.mlp_tile = mlp_tile
+    apply_activation_checkpointing(part, recomputed, keep_attention)
     if compiled:
         compile_elementwise(part)
     if fsdp:

@@ -21,6 +21,12 @@ and four backward, not hidden; lasp2 — one all-gather of the d_k × d_v state 
 of L. Memory per GPU: FSDP-sharded weights, gradients and AdamW states plus activations per
 token held (fewer when some blocks are recomputed in backward) and the loss's logits.
 
+Two techniques trade time for memory beyond recomputing whole blocks: recomputed blocks that keep
+their attention's output (`keep_attention`: only the cheap matmuls and element-wise work run
+again, the attention output stays), and a SwiGLU run in tiles of `mlp_tile` tokens, each
+recomputed in backward (`mlp_tile`: its hidden activations exist for one tile at a time, at the
+price of one more MLP forward).
+
 FLOPs and parameter counts come from `shape`, coefficients from a `HardwareProfile`. Torch-free.
 """
 
@@ -32,7 +38,7 @@ from typing import Literal
 import numpy as np
 
 from parallel.planner.hardware import HardwareProfile
-from parallel.planner.shape import BACKWARD_KERNEL, ModelShape, fewest_blocks
+from parallel.planner.shape import BACKWARD_KERNEL, ModelShape
 
 BYTES = 2  # bf16 activations and K/V on the wire
 MEMORY_RESERVE = 0.9  # share of a GPU's memory the model plans to use (the allocator needs the rest)
@@ -47,6 +53,8 @@ class CostModel:
     method: CommMethod = "ring"
     recomputed: float = 0.0  # fraction of blocks whose activations are recomputed in backward
     loss_chunk: int = 0  # rows of logits alive at once in the loss (0: all)
+    keep_attention: bool = False  # recomputed blocks keep their attention output (no attention forward again)
+    mlp_tile: int = 0  # tokens per SwiGLU tile (0: untiled)
 
     # ------------------------------------------------------------------ time
 
@@ -63,7 +71,9 @@ class CostModel:
         return np.where(tokens >= hw.dense_min_tokens, dense, short)
 
     def linear_flops_per_token(self) -> float:
-        return self.shape.linear_flops_per_token(self.recomputed)
+        m = self.shape
+        tiled = 2.0 * 3 * m.dim * m.hidden_dim * m.n_layers if self.mlp_tile else 0.0  # one more MLP forward
+        return m.linear_flops_per_token(self.recomputed) + tiled
 
     def comm_time(self, tokens, attention_s, group: int):
         """Exposed communication of micro-batches with these token counts and attention seconds per
@@ -91,7 +101,8 @@ class CostModel:
         return self.linear_flops_per_token() * np.asarray(tokens) / group / (self.hw.matmul_tflops * 1e12)
 
     def _time(self, tokens, attention_s, group: int):
-        recompute = 1 + self.recomputed / BACKWARD_KERNEL  # recomputed blocks run their attention forward again
+        # recomputed blocks run their attention forward again, unless they keep its output
+        recompute = 1 + (0.0 if self.keep_attention else self.recomputed / BACKWARD_KERNEL)
         return (self.hw.microbatch_overhead_s + attention_s * recompute + self.matmul_time(tokens, group)
                 + self.comm_time(tokens, attention_s, group))
 
@@ -112,14 +123,21 @@ class CostModel:
     # ------------------------------------------------------------------ memory
 
     def block_bytes_per_token(self, recomputed: bool) -> float:
-        """Bytes one block holds per token for backward (bf16): its input alone when recomputed."""
+        """Bytes one block holds per token for backward (bf16): its input alone when recomputed (and
+        the attention output with its fp32 log-sum-exp when it keeps them)."""
         m = self.shape
         if recomputed:
-            return m.dim * BYTES
+            kept = m.n_heads * (m.head_dim * BYTES + 4) if self.keep_attention else 0.0
+            return m.dim * BYTES + kept
         # norm inputs, projection inputs, q and the attention output, k and v, SwiGLU's inputs and product,
         # as saved with compiled element-wise regions, and 4% the allocator adds: 74.6 KB/token measured for
-        # llama-1b-long on an H200 (64K tokens, no block recomputed)
-        return 1.04 * BYTES * (5 * m.dim + 2 * m.n_kv_heads * m.head_dim + 3 * m.hidden_dim)
+        # llama-1b-long on an H200 (64K tokens, no block recomputed); a tiled SwiGLU keeps only its input
+        swiglu = 0 if self.mlp_tile else 3 * m.hidden_dim
+        return 1.04 * BYTES * (5 * m.dim + 2 * m.n_kv_heads * m.head_dim + swiglu)
+
+    def mlp_tile_bytes(self) -> float:
+        """The SwiGLU's working set of one tile: its three hidden activations and their gradients."""
+        return 6.0 * self.mlp_tile * self.shape.hidden_dim * BYTES if self.mlp_tile else 0.0
 
     def layer_bytes_per_token(self) -> float:
         """Bytes all blocks hold per token; while a recomputed block runs its backward, part of its
@@ -136,7 +154,7 @@ class CostModel:
 
     def activation_bytes(self, tokens: float) -> float:
         """Bytes of activations held for backward by `tokens` tokens on one GPU."""
-        return self.layer_bytes_per_token() * tokens + self.logits_bytes(tokens)
+        return self.layer_bytes_per_token() * tokens + self.logits_bytes(tokens) + self.mlp_tile_bytes()
 
     def activation_bytes_per_token(self) -> float:
         """Bytes per token for long micro-batches (the logits of a chunked loss do not grow)."""
@@ -161,13 +179,6 @@ class CostModel:
 
     def tokens_per_gpu(self, shard: int, unsharded_copy: bool = False) -> int:
         """Most tokens one GPU can hold activations for, with the rest of memory for states."""
-        free = self.free_bytes(shard, unsharded_copy) - (self.logits_bytes(self.loss_chunk) if self.loss_chunk else 0.0)
+        free = (self.free_bytes(shard, unsharded_copy) - (self.logits_bytes(self.loss_chunk) if self.loss_chunk else 0.0)
+                - self.mlp_tile_bytes())
         return max(0, int(free / self.activation_bytes_per_token()))
-
-    def blocks_to_recompute(self, tokens: int, shard: int, microbatches: int = 1) -> int:
-        """The fewest blocks whose activations must be recomputed for `tokens` tokens per micro-batch
-        to fit on one GPU (selective activation checkpointing); all blocks when even that does not fit."""
-        n = self.shape.n_layers
-        free = self.free_bytes(shard, microbatches=microbatches)
-        return fewest_blocks(n, lambda k: replace(self, recomputed=k / n).activation_bytes(tokens) <= free)
-

@@ -2,7 +2,8 @@
 
 Candidates: dp × tp × pp × sp degrees (powers of two; tp inside a node), SP method (ring,
 ring_bidir, ulysses), static or adaptive SP and the micro-batch token budget; each with the
-fewest activation-checkpointed blocks that fit memory. A static layout runs m = global tokens / (dp × budget) micro-batches per data-
+trainer's memory saving (the fewest activation-checkpointed blocks that fit memory, with kept
+attention outputs and SwiGLU tiles where they make it faster). A static layout runs m = global tokens / (dp × budget) micro-batches per data-
 parallel replica; one takes the cost model's time for `budget` tokens of the corpus's length mix
 (token-weighted moments of the histogram), split over tp × sp and over pp stages with 1F1B's
 bubble of pp − 1 micro-batches. TP adds four activation all-reduces per layer (fwd + bwd), PP a
@@ -25,7 +26,8 @@ import numpy as np
 from parallel.planner.adaptive import AdaptivePlanner, SequenceTooLong
 from parallel.planner.cost_model import BYTES, CostModel
 from parallel.planner.hardware import HardwareProfile
-from parallel.planner.shape import BACKWARD_KERNEL, BACKWARD_MODEL, ModelShape, fewest_blocks
+from parallel.planner.memory_saving import choose, options
+from parallel.planner.shape import BACKWARD_KERNEL, BACKWARD_MODEL, ModelShape
 
 METHODS = ("ring", "ring_bidir", "ulysses")
 
@@ -100,6 +102,8 @@ class Candidate:
     mode: str  # static | adaptive
     budget: int  # static: tokens per micro-batch; adaptive: tokens per GPU
     recomputed: float = 0.0  # fraction of blocks recomputed in backward: the least that fits memory
+    keep_attention: bool = False  # recomputed blocks keep their attention output
+    mlp_tile: int = 0  # tokens per SwiGLU tile (0: untiled)
     step_s: float = math.inf
     memory_gb: float = 0.0
     tokens_per_s: float = 0.0
@@ -144,14 +148,16 @@ class PlanSearch:
     def cost(self, c: Candidate) -> CostModel:
         """The cost model of one tp × pp shard of the model (its heads and layers)."""
         return CostModel(self.model.shard(c.tp, c.pp), self.cluster.hw,
-                         method="ulysses" if c.sp_method == "ulysses" else "ring", recomputed=c.recomputed)
+                         method="ulysses" if c.sp_method == "ulysses" else "ring", recomputed=c.recomputed,
+                         keep_attention=c.keep_attention, mlp_tile=c.mlp_tile)
 
     def microbatches(self, c: Candidate) -> int:
         """Micro-batches per data-parallel replica in a step of a static layout."""
         return max(1, math.ceil(self.global_tokens / (c.dp * c.budget)))
 
     def memory_gb(self, c: Candidate) -> float:
-        full = CostModel(self.model, self.cluster.hw, recomputed=c.recomputed, loss_chunk=loss_chunk(c))
+        full = CostModel(self.model, self.cluster.hw, recomputed=c.recomputed, loss_chunk=loss_chunk(c),
+                         keep_attention=c.keep_attention, mlp_tile=c.mlp_tile)
         states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive",
                                   microbatches=self.microbatches(c)) / (c.tp * c.pp)
         tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
@@ -273,12 +279,17 @@ class PlanSearch:
         return out
 
     def fitted(self, c: Candidate) -> Candidate:
-        """The candidate with the fewest recomputed blocks that let it fit memory (selective
-        activation checkpointing, as the trainer's `auto` chooses); all blocks if none fits.
-        Recomputing fewer blocks is never slower, so this is the candidate's best setting."""
+        """The candidate with its memory saving as the trainer's `auto` chooses it
+        (`parallel.planner.memory_saving`): the fewest recomputed blocks that fit memory, with or
+        without kept attention outputs (not with a ring) and SwiGLU tiles, the fastest of those."""
         n = self.model.n_layers
-        c.recomputed = fewest_blocks(n, lambda k: self.memory_gb(replace(c, recomputed=k / n))
-                                     <= self.cluster.hw.gpu_memory_gb) / n
+        tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
+        combos = options(None, None, c.sp == 1 or c.sp_method == "ulysses", tokens_per_gpu)
+        with_saving = lambda s: replace(c, recomputed=s.recomputed / n, keep_attention=s.keep_attention,  # noqa: E731
+                                        mlp_tile=s.mlp_tile)
+        best = choose(n, combos, None, lambda s: self.memory_gb(with_saving(s)), self.cluster.hw.gpu_memory_gb,
+                      lambda s: self.static_time(with_saving(s))[0])
+        c.recomputed, c.keep_attention, c.mlp_tile = best.recomputed / n, best.keep_attention, best.mlp_tile
         return c
 
     def run(self, budgets: list[int], adaptive: bool = True) -> list[Candidate]:
