@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of the open issues, in as few device calls as possible (writes into $OUT).
-# Usage on the GPU host:  bash benchmarks/gpu_suite.sh one|corpus|long|two [extra train_step args...]
+# Usage on the GPU host:  bash benchmarks/gpu_suite.sh one|corpus|long|8b|two [extra train_step args...]
 #   one:    CUDA tests, the single-GPU training step at 32K / 64K / 128K (H100 or H200)
 #   corpus: packed attention (flash varlen vs Loom's cudnn) and training steps on real corpora at 64K:
 #           the stdlib corpus with 1, 2 and 4 micro-batches, the FlexSP Wikipedia lengths
-#   long:   one 128K and one 256K document per step
+#   long:   one 256K and one 512K document per step (memory saving auto)
+#   8b:     a random Llama-3.1-8B-shaped Hugging Face folder: import time and host memory, then a 32K step from it
 #   two:    (2+ GPUs) ring / ring_bidir / ulysses vs one GPU and torch context_parallel, LASP-2 vs LASP-1,
 #           the sp=2 training step at 128K with and without overlap, adaptive vs static SP on the stdlib corpus
 # WIKIPEDIA names the FlexSP lengths file (default: .gpu_data/, a carried copy of ../shared/data/).
@@ -34,10 +35,14 @@ corpus)
   for mb in 1 2 4; do $step --seq 65536 --data /tmp/stdlib --microbatches "$mb" --variants loom "$@" 2>&1 | grep '^{'; done
   $step --seq 65536 --lengths "$WIKIPEDIA" --variants loom "$@" 2>&1 | grep '^{' ;;
 long)
-  for seq in 131072 262144; do
-    python3 benchmarks/train_step.py --model llama-1b-long --warmup 1 --steps 2 --seq "$seq" --variants loom \
+  for seq in 262144 524288; do
+    python3 benchmarks/train_step.py --model llama-1b-long --warmup 1 --steps 1 --seq "$seq" --variants loom \
       --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{'
   done ;;
+8b)
+  python3 benchmarks/load_pretrained.py --folder /tmp/hf-llama-8b --out "$OUT/load_pretrained.jsonl" 2>&1 | grep '^{'
+  python3 benchmarks/train_step.py --model llama-8b --seq 32768 --warmup 1 --steps 2 --variants loom \
+    --set model.init_from=/tmp/hf-llama-8b --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{' ;;
 two)
   python3 benchmarks/ring_attention.py --lengths 131072 524288 --native-cp --out "$OUT/ring_attention.jsonl" 2>&1 | grep '^{'
   python3 benchmarks/lasp.py --lengths 131072 524288 2097152 --chunk 256 --out "$OUT/lasp.jsonl" 2>&1 | grep '^{'

@@ -6,9 +6,8 @@ Hugging Face folder — bf16 safetensors in shards of `--shard-gb` with their in
 model as the trainer does on one GPU (fp32 weights on the device), loads the folder with
 `trainer.hf.load_pretrained` (DCP's Hugging Face reader, memory-mapped), and prints one JSON line:
 the load's seconds, the process's peak resident host memory against the folder's size (and what
-the loading added to what the process held before), a check
-that the weights equal the files, and what the cost model says one training step of
-`--train-tokens` tokens needs on this GPU.
+the loading added to what the process held before), and a check that the weights equal the files.
+`benchmarks/train_step.py --model llama-8b --set model.init_from=FOLDER` then trains from it.
 
     python benchmarks/load_pretrained.py --folder /tmp/llama-8b --out results.jsonl
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -68,12 +66,15 @@ def write_random(folder: Path, name: str, shard_gb: float) -> None:
     (folder / "config.json").write_text(json.dumps(config_json(cfg, 131072, "bfloat16"), indent=2))
 
 
-def load(folder: Path, name: str, train_tokens: int) -> dict:
-    """In this (fresh) process: the model on the GPU, then the folder loaded into it."""
-    from dataclasses import replace
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (VmHWM: unlike getrusage's ru_maxrss, not inherited from
+    the parent that spawned it)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 2**20
 
-    from parallel.planner.hardware import named_profile
-    from parallel.planner.cost_model import CostModel
+
+def load(folder: Path, name: str) -> dict:
+    """In this (fresh) process: the model on the GPU, then the folder loaded into it."""
     from trainer.hf import load_pretrained
     from safetensors import safe_open
 
@@ -83,7 +84,7 @@ def load(folder: Path, name: str, train_tokens: int) -> dict:
         model = Transformer(cfg)
     torch.cuda.synchronize()
     built = time.perf_counter() - t0
-    before_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # the interpreter, torch and CUDA
+    before_gb = peak_rss_gb()  # the interpreter, torch, CUDA and the model on the GPU
     t0 = time.perf_counter()
     load_pretrained([model], folder, cfg.tie_embeddings)
     torch.cuda.synchronize()
@@ -94,17 +95,13 @@ def load(folder: Path, name: str, train_tokens: int) -> dict:
         want = f.get_tensor(key).float()
     got = dict((hf_name(n), p) for n, p in model.named_parameters())[key].detach().cpu()
     folder_gb = index["metadata"]["total_size"] / 2**30
-    peak_host_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    hw = named_profile("auto", torch.cuda.get_device_name())
-    cost = replace(CostModel(cfg.shape, hw, loss_chunk=8192), recomputed=1.0)
-    need_gb = (cost.state_bytes(1) + cost.activation_bytes(train_tokens)) / 2**30
+    peak_host_gb = peak_rss_gb()
     return {"bench": "load_pretrained", "model": name, "params_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
             "folder_gb": round(folder_gb, 2), "shards": len(set(index["weight_map"].values())),
             "build_s": round(built, 2), "load_s": round(seconds, 2), "peak_host_gb": round(peak_host_gb, 2),
             "peak_host_vs_folder": round(peak_host_gb / folder_gb, 3),
             "host_gb_before_load": round(before_gb, 2), "load_host_vs_folder": round((peak_host_gb - before_gb) / folder_gb, 3), "weights_equal_files": bool(torch.equal(got, want)),
             "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            f"train_{train_tokens}_needs_gb": round(need_gb, 1), "gpu_gb": hw.gpu_memory_gb,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "date": datetime.date.today().isoformat()}
 
@@ -114,20 +111,18 @@ def main() -> None:
     p.add_argument("--model", default="llama-8b", help="a config under configs/model/")
     p.add_argument("--folder", default="/tmp/hf-llama-8b")
     p.add_argument("--shard-gb", type=float, default=5.0)
-    p.add_argument("--train-tokens", type=int, default=32768)
     p.add_argument("--out", default="")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     folder = Path(args.folder)
     if args.child:
-        print(json.dumps(load(folder, args.model, args.train_tokens)), flush=True)
+        print(json.dumps(load(folder, args.model)), flush=True)
         return
     if not (folder / "config.json").exists():
         t0 = time.perf_counter()
         write_random(folder, args.model, args.shard_gb)
         print(f"wrote {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
-    line = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--folder", str(folder),
-                           "--train-tokens", str(args.train_tokens)], check=True, capture_output=True,
+    line = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--folder", str(folder)], check=True, capture_output=True,
                           text=True).stdout.strip().splitlines()[-1]
     print(line, flush=True)
     if args.out:

@@ -156,6 +156,17 @@ CASES: dict[str, tuple[Argv, str]] = {
     "prepare into a non-dataset": (lambda c: ["prepare", str(STDLIB / "json"), str(c.runs)],
                                    "exists and is not a Loom dataset"),
     "source not found": (lambda c: ["prepare", str(c.tmp / "nothing"), str(c.tmp / "out")], "source not found"),
+    "keep_attention with ring SP": (lambda c: c.train("cluster.workers=2", "parallel.sp.degree=2",
+                                                      "train.keep_attention=true", name="fresh"),
+                                    "train.keep_attention keeps one attention output per block"),
+    "mlp_tile_tokens=-1": (lambda c: c.train("train.mlp_tile_tokens=-1"),
+                           "train.mlp_tile_tokens must be auto, 0 (untiled) or a positive token count"),
+    "init_from without config.json": (lambda c: c.train(f"model.init_from={c.tmp}", name="fresh"),
+                                      "has no config.json"),
+    "init_from config.json damaged": (lambda c: (c.tmp / "config.json").write_text("{oops")
+                                      and c.train(f"model.init_from={c.tmp}", name="fresh"), "is not valid JSON"),
+    "export into the run folder": (lambda c: ["export", str(c.runs / "base"), str(c.runs / "base")],
+                                   "exists and is not empty"),
 }
 
 
