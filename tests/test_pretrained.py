@@ -3,7 +3,7 @@ instruction data whose loss sees only the answers.
 
 Oracles: `transformers` itself — its logits for the same weights and tokens, its RoPE frequencies,
 its chat-template assistant mask — and the single-process run for parallel layouts.
-Tolerances (fp32): logits atol 2e-5; losses of a layout against one process rtol 1e-5.
+Tolerances (fp32): logits within 1e-5 absolute (seen: ≤ 4e-7); losses of a layout against one process rtol 1e-5.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_an_imported_model_gives_the_logits_of_transformers(kind, tmp_path):
     got = packed_logits(ours, docs)
     with torch.no_grad():
         want = torch.cat([reference(d[None]).logits[0] for d in docs])
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("scaling", [{}, LINEAR, LLAMA3, YARN, {**YARN, "beta_fast": 16, "attention_factor": 1.2}])
@@ -420,7 +420,7 @@ def test_an_extended_model_exports_with_its_new_rope(small_dataset, tmp_path, ca
     doc = torch.randint(0, 259, (150,), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = reference(doc[None]).logits[0]
-    torch.testing.assert_close(packed_logits(ours.eval(), [doc]), want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_logits(ours.eval(), [doc]), want, atol=1e-5, rtol=0)
     capsys.readouterr()
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
