@@ -149,3 +149,15 @@ def test_a_micro_batch_that_cannot_fit_is_refused_naming_what_it_needs(small_dat
     assert 0 < job.recomputed_blocks < 16  # auto recomputes what it must
     tiled = resolve(load_config(DEMO, base + ["train.activation_checkpointing=false"]), H200)
     assert tiled.memory_saving.mlp_tile == 16384  # SwiGLU tiles (auto) let it fit without recomputing
+
+
+def test_auto_memory_saving_counts_what_tp_and_pp_split(small_dataset):
+    """The rule behind `auto` sees each GPU's share: with tp = 4 (heads, SwiGLU columns, states) or
+    pp = 4 (layers, states) an 8B model at 32K recomputes fewer blocks than on one GPU, and what it
+    chooses passes the memory check."""
+    base = [f"data.path={small_dataset}", "model=llama-8b", "data.context_len=32768", "data.tokens_per_microbatch=32768",
+            "train.loss_chunk=0", "train.activation_checkpointing=auto"]
+    one = resolve(load_config(DEMO, base + ["cluster.workers=1", "train.global_microbatches=1"]), H200)
+    tp4 = resolve(load_config(DEMO, base + ["cluster.workers=4", "parallel.tp=4", "train.global_microbatches=1"]), H200)
+    pp4 = resolve(load_config(DEMO, base + ["cluster.workers=4", "parallel.pp=4", "train.global_microbatches=4"]), H200)
+    assert tp4.recomputed_blocks < one.recomputed_blocks and pp4.recomputed_blocks < one.recomputed_blocks

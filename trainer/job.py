@@ -203,15 +203,21 @@ def memory_saving(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> Memory
     t, n = cfg.train, cfg.model.n_layers
     setting = t.activation_checkpointing
     blocks = None if setting == "auto" else (n if setting is True else int(setting))
-    per_rank = cfg.data.tokens_per_microbatch // layout.sp
-    shard, microbatches = layout.dp * layout.sp, cfg.train.global_microbatches // layout.dp
     cost = cost_model(cfg, layout, hw)
     combos = options(None if t.keep_attention == "auto" else t.keep_attention,
-                     None if t.mlp_tile_tokens == "auto" else t.mlp_tile_tokens, layout.ring == 1, per_rank)
-    return choose(n, combos, blocks,
-                  lambda s: s.applied(cost).state_bytes(shard, microbatches=microbatches)
-                  + s.applied(cost).activation_bytes(per_rank), hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE,
+                     None if t.mlp_tile_tokens == "auto" else t.mlp_tile_tokens, layout.ring == 1,
+                     cfg.data.tokens_per_microbatch // layout.sp)
+    return choose(n, combos, blocks, lambda s: gpu_bytes(cfg, layout, s.applied(cost)),
+                  hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE,
                   lambda s: s.applied(cost).microbatch_time([cfg.data.tokens_per_microbatch], layout.sp))
+
+
+def gpu_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
+    """Peak bytes on one GPU for the largest micro-batch: weights and optimizer states sharded over
+    dp × sp and split by tp × pp, and the activations of its share of the micro-batch (tokens / sp)."""
+    states = cost.state_bytes(layout.dp * layout.sp, microbatches=cfg.train.global_microbatches // layout.dp)
+    return states / (layout.tp * layout.pp) + cost.activation_bytes(cfg.data.tokens_per_microbatch // layout.sp,
+                                                                     layout.tp)
 
 
 def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
@@ -247,15 +253,11 @@ def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: Me
     """The largest micro-batch must fit a GPU by the cost model's memory estimate (its share per
     rank, with the job's memory saving); else one line naming it and what it needs."""
     n, tokens = cfg.model.n_layers, cfg.data.tokens_per_microbatch
-    cost = saving.applied(cost_model(cfg, layout, hw))
-    shard = layout.dp * layout.sp
-    per_rank = tokens // layout.sp
-    need = (cost.state_bytes(shard, microbatches=cfg.train.global_microbatches // layout.dp) / (layout.tp * layout.pp)
-            + cost.activation_bytes(per_rank) / layout.tp) / 2**30
-    _require(need <= hw.gpu_memory_gb, f"a micro-batch of {tokens:,} tokens ({per_rank:,} per GPU) needs {need:.1f} GB "
-             f"on each GPU with {saving.describe(n)}; the GPUs hold {hw.gpu_memory_gb:.1f} GB: "
-             f"recompute more (train.activation_checkpointing=auto), lower data.tokens_per_microbatch or raise "
-             f"parallel.sp.degree")
+    need = gpu_bytes(cfg, layout, saving.applied(cost_model(cfg, layout, hw))) / 2**30
+    _require(need <= hw.gpu_memory_gb, f"a micro-batch of {tokens:,} tokens ({tokens // layout.sp:,} per GPU) needs "
+             f"{need:.1f} GB on each GPU with {saving.describe(n)}; the GPUs hold {hw.gpu_memory_gb:.1f} GB: "
+             f"let Loom choose (train.activation_checkpointing, keep_attention and mlp_tile_tokens: auto), lower "
+             f"data.tokens_per_microbatch or raise parallel.sp.degree")
 
 
 def check_resumable(cfg: JobConfig, data_fingerprint: str, location: str, marker: dict[str, Any]) -> None:

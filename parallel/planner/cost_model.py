@@ -32,7 +32,7 @@ FLOPs and parameter counts come from `shape`, coefficients from a `HardwareProfi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -71,9 +71,7 @@ class CostModel:
         return np.where(tokens >= hw.dense_min_tokens, dense, short)
 
     def linear_flops_per_token(self) -> float:
-        m = self.shape
-        tiled = 2.0 * 3 * m.dim * m.hidden_dim * m.n_layers if self.mlp_tile else 0.0  # one more MLP forward
-        return m.linear_flops_per_token(self.recomputed) + tiled
+        return self.shape.linear_flops_per_token(self.recomputed)
 
     def comm_time(self, tokens, attention_s, group: int):
         """Exposed communication of micro-batches with these token counts and attention seconds per
@@ -98,7 +96,12 @@ class CostModel:
 
     def matmul_time(self, tokens, group: int):
         """Seconds of the matmuls for these tokens split over `group` ranks."""
-        return self.linear_flops_per_token() * np.asarray(tokens) / group / (self.hw.matmul_tflops * 1e12)
+        tokens = np.asarray(tokens, dtype=np.float64)
+        flops = self.linear_flops_per_token() * tokens
+        if self.mlp_tile:  # a rank's share longer than a tile runs its SwiGLU forward once more
+            m = self.shape
+            flops = flops + np.where(tokens / group > self.mlp_tile, 6.0 * m.dim * m.hidden_dim * m.n_layers * tokens, 0.0)
+        return flops / group / (self.hw.matmul_tflops * 1e12)
 
     def _time(self, tokens, attention_s, group: int):
         # recomputed blocks run their attention forward again, unless they keep its output
@@ -127,7 +130,8 @@ class CostModel:
         the attention output with its fp32 log-sum-exp when it keeps them)."""
         m = self.shape
         if recomputed:
-            kept = m.n_heads * (m.head_dim * BYTES + 4) if self.keep_attention else 0.0
+            # (softmax layers only: linear-attention layers call no attention kernel)
+            kept = m.n_heads * (m.head_dim * BYTES + 4) * m.softmax_layers / m.n_layers if self.keep_attention else 0.0
             return m.dim * BYTES + kept
         # norm inputs, projection inputs, q and the attention output, k and v, SwiGLU's inputs and product,
         # as saved with compiled element-wise regions, and 4% the allocator adds: 74.6 KB/token measured for
@@ -136,7 +140,8 @@ class CostModel:
         return 1.04 * BYTES * (5 * m.dim + 2 * m.n_kv_heads * m.head_dim + swiglu)
 
     def mlp_tile_bytes(self) -> float:
-        """The SwiGLU's working set of one tile: its three hidden activations and their gradients."""
+        """The SwiGLU's working set of one tile: its three hidden activations and their gradients
+        (under tp a rank gathers tp tiles and holds 1/tp of their hidden columns: the same bytes)."""
         return 6.0 * self.mlp_tile * self.shape.hidden_dim * BYTES if self.mlp_tile else 0.0
 
     def layer_bytes_per_token(self) -> float:
@@ -152,9 +157,10 @@ class CostModel:
         rows = min(tokens, self.loss_chunk) if self.loss_chunk else tokens
         return rows * self.shape.vocab_size * (BYTES + 4)
 
-    def activation_bytes(self, tokens: float) -> float:
-        """Bytes of activations held for backward by `tokens` tokens on one GPU."""
-        return self.layer_bytes_per_token() * tokens + self.logits_bytes(tokens) + self.mlp_tile_bytes()
+    def activation_bytes(self, tokens: float, tp: int = 1) -> float:
+        """Bytes of activations held for backward by `tokens` tokens on one GPU of a tp group (its
+        heads and SwiGLU columns; a SwiGLU tile is gathered whole over tp)."""
+        return (self.layer_bytes_per_token() * tokens + self.logits_bytes(tokens)) / tp + self.mlp_tile_bytes()
 
     def activation_bytes_per_token(self) -> float:
         """Bytes per token for long micro-batches (the logits of a chunked loss do not grow)."""

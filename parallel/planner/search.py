@@ -13,7 +13,9 @@ a slice of at most 64 ranks with proportionally fewer tokens.
 
 Memory per GPU (at its peak, the start of backward): FSDP-sharded weights and AdamW states over
 dp × sp (split by tp × pp), the gathered weights, and activations of the micro-batches in flight (pp of them on the first
-1F1B stage), fewer with activation checkpointing. Above the GPU's memory a candidate is rejected.
+1F1B stage), fewer with activation checkpointing, and a SwiGLU tile's working set. The memory
+saving is chosen within MEMORY_RESERVE of the GPU, as the trainer's `auto` chooses it; above the
+GPU's memory a candidate is rejected.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from parallel.planner.adaptive import AdaptivePlanner, SequenceTooLong
-from parallel.planner.cost_model import BYTES, CostModel
+from parallel.planner.cost_model import BYTES, MEMORY_RESERVE, CostModel
 from parallel.planner.hardware import HardwareProfile
 from parallel.planner.memory_saving import choose, options
 from parallel.planner.shape import BACKWARD_KERNEL, BACKWARD_MODEL, ModelShape
@@ -162,7 +164,7 @@ class PlanSearch:
                                   microbatches=self.microbatches(c)) / (c.tp * c.pp)
         tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
         layers = full.layer_bytes_per_token() / (c.tp * c.pp) * tokens_per_gpu * c.pp  # pp micro-batches in flight
-        return (states + layers + full.logits_bytes(tokens_per_gpu) / c.tp) / 2**30
+        return (states + layers + full.logits_bytes(tokens_per_gpu) / c.tp + full.mlp_tile_bytes()) / 2**30
 
     def fsdp_time(self, c: Candidate, compute: float) -> float:
         """The exposed part of one step's weight gathers (fwd, bwd) and gradient reduce-scatter."""
@@ -287,8 +289,8 @@ class PlanSearch:
         combos = options(None, None, c.sp == 1 or c.sp_method == "ulysses", tokens_per_gpu)
         with_saving = lambda s: replace(c, recomputed=s.recomputed / n, keep_attention=s.keep_attention,  # noqa: E731
                                         mlp_tile=s.mlp_tile)
-        best = choose(n, combos, None, lambda s: self.memory_gb(with_saving(s)), self.cluster.hw.gpu_memory_gb,
-                      lambda s: self.static_time(with_saving(s))[0])
+        best = choose(n, combos, None, lambda s: self.memory_gb(with_saving(s)),
+                      self.cluster.hw.gpu_memory_gb * MEMORY_RESERVE, lambda s: self.static_time(with_saving(s))[0])
         c.recomputed, c.keep_attention, c.mlp_tile = best.recomputed / n, best.keep_attention, best.mlp_tile
         return c
 
