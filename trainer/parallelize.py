@@ -13,6 +13,10 @@ attention and the MLP, a reduce-scatter leaves them). Attention sees the local h
 ring / Ulysses / LASP compose with it unchanged; linear layers keep the decay of their local K/V
 heads. DTensor rather than megatron-core's layers: its parameters compose with FSDP2 (2-D dp × tp
 meshes) and with DCP resharding, and run on gloo for the CPU tests.
+
+Activation checkpointing wraps whole blocks; a block may keep its attention kernels' outputs
+(selective checkpointing by op) and run its SwiGLU in tiles (`trainer.model.tiled`), as the job's
+memory saving says.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from parallel.data_parallel import apply_fsdp
 from parallel.mesh import ParallelDims
