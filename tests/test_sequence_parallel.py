@@ -181,7 +181,8 @@ def test_collectives_and_bytes_per_step():
 
 
 @pytest.mark.parametrize("method, world, extra", [
-    ("ring", 2, []), ("ring_bidir", 2, []), ("ulysses", 2, []), pytest.param("hybrid", 4, [], marks=pytest.mark.slow),
+    ("ring", 2, []), pytest.param("ring_bidir", 2, [], marks=pytest.mark.slow), ("ulysses", 2, []),
+    pytest.param("hybrid", 4, [], marks=pytest.mark.slow),
     ("ring", 2, ["train.activation_checkpointing=true"]),  # recompute re-runs the ring in backward
 ])
 def test_training_with_sp_equals_sp1(small_dataset, tmp_path, method, world, extra):
