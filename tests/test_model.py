@@ -97,16 +97,19 @@ def test_compiled_and_selectively_checkpointed_model_equals_eager():
 
 
 class KernelCalls(TorchDispatchMode):
-    """Counts the attention kernel ops that really run (a block that keeps them answers from its cache)."""
+    """Counts the attention kernel ops that really run (a block that keeps them answers from its
+    cache), and the rows of every SwiGLU activation computed."""
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
+        self.calls, self.silu_rows = 0, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from trainer.parallelize import ATTENTION_KERNELS
 
         self.calls += func in ATTENTION_KERNELS
+        if func is torch.ops.aten.silu.default:
+            self.silu_rows.append(args[0].shape[0])
         return func(*args, **(kwargs or {}))
 
 
@@ -114,7 +117,8 @@ class KernelCalls(TorchDispatchMode):
 def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, tile):
     """Every block recomputed keeping its attention output, and/or the SwiGLU in tiles of 16 tokens
     each recomputed: the plain model's loss and gradients (fp32, 1e-6 relative); a block that keeps
-    its attention never runs the kernel again in backward."""
+    its attention never runs the kernel again in backward, and a tiled SwiGLU never computes its
+    activation for more than a tile of tokens."""
     import copy
 
     from trainer.parallelize import apply_activation_checkpointing
@@ -123,21 +127,24 @@ def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, t
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2)
     plain = Transformer(cfg)
     saving = copy.deepcopy(plain)
-    apply_activation_checkpointing(saving, {0, 1, 2}, keep_attention)
     for block in saving.layers.values():
         block.mlp_tile = tile
+    apply_activation_checkpointing(saving, {0, 1, 2}, keep_attention)
     tokens, labels = torch.randint(0, 50, (72,)), torch.randint(0, 50, (72,))
     attend = LocalAttention(select_backend("cpu_flash", "cpu"), torch.tensor([0, 30, 72], dtype=torch.int32), 42)
     positions = torch.cat([torch.arange(30), torch.arange(42)])
-    losses, kernels = [], []
+    losses, kernels, silu_rows = [], [], []
     for model in (plain, saving):
         with KernelCalls() as counted:
             loss = model(tokens, positions, attend, labels)
             loss.backward()
         losses.append(loss.detach())
         kernels.append(counted.calls)
+        silu_rows.append(counted.silu_rows)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
     for (name, a), b in zip(plain.named_parameters(), saving.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7, msg=name)
     assert kernels[0] == cfg.n_layers  # one packed kernel call per block
     assert kernels[1] == cfg.n_layers * (1 if keep_attention else 2)
+    # tiled, no SwiGLU activation ever exists for more than a tile of the 72 tokens (forward and recompute)
+    assert max(silu_rows[0]) == 72 and max(silu_rows[1]) == (tile or 72) and len(silu_rows[1]) > len(silu_rows[0])

@@ -41,10 +41,10 @@ def test_kept_attention_on_cuda_equals_recomputing_it(tile):
     with torch.device("cuda"):
         plain = Transformer(cfg)
     kept = copy.deepcopy(plain)
-    apply_activation_checkpointing(plain, {0, 1, 2}, keep_attention=False)
-    apply_activation_checkpointing(kept, {0, 1, 2}, keep_attention=True)
     for block in kept.layers.values():
         block.mlp_tile = tile
+    apply_activation_checkpointing(plain, {0, 1, 2}, keep_attention=False)
+    apply_activation_checkpointing(kept, {0, 1, 2}, keep_attention=True)
     lengths = [3000, 2048, 900, 148]  # two documents through cuDNN, two through the varlen kernel
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     tokens = torch.randint(0, 512, (sum(lengths),), device="cuda")
