@@ -77,9 +77,10 @@ def preflight(cfg: JobConfig) -> Job | None:
     remote cluster's device is known only once connected)."""
     check_dataset(cfg)
     check_pretrained(cfg)
-    probe_writable(cfg.checkpoint_folder)
+    job = None if cfg.cluster.address else resolve(cfg, local_target(cfg))
+    probe_writable(cfg.checkpoint_folder)  # (creates the folder: only for a job that can run)
     check_resume(cfg)
-    return None if cfg.cluster.address else resolve(cfg, local_target(cfg))
+    return job
 
 
 def connect(cfg: JobConfig) -> Watcher | None:

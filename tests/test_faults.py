@@ -40,9 +40,9 @@ DEMO = "configs/train/demo.yaml"
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
-    """Every file under the folders, by path, with the SHA-256 of its bytes."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for folder in folders if folder.exists() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under the folders, by path, with the SHA-256 of its bytes, and every folder."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for folder in folders if folder.exists() for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ CASES: dict[str, tuple[Argv, str]] = {
     # what the workers' device cannot do
     "flash on CPU": (lambda c: c.train("model.attention_backend=flash"),
                      "model.attention_backend=flash needs CUDA GPUs; the workers run on the CPU"),
-    "cuda without GPUs": (lambda c: c.train("cluster.device=cuda"),
+    "cuda without GPUs": (lambda c: c.train("cluster.device=cuda", name="fresh"),
                           "cluster.device=cuda needs 1 GPUs; this machine has 0"),
     "allgather, softmax only": (lambda c: c.train("cluster.workers=2", "parallel.sp.degree=2",
                                                   "parallel.sp.method=allgather"), "is for hybrid models"),
@@ -377,3 +377,14 @@ def test_a_killed_driver_leaves_no_ray_process_and_no_lease_in_the_way(dataset, 
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr  # the dead driver's lease is taken over
     assert "resumed from" in done.stdout
+
+
+def test_export_skips_a_damaged_newest_checkpoint_and_says_so(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    truncate(max((run / "checkpoints" / "step-0000006").rglob("*.distcp")))
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "warning: checkpoint step 6 is damaged (" in out and "(step 3)" in out
+    mode = lambda name: (tmp_path / "out" / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("model.safetensors") == mode("config.json")  # the weights are as readable as the rest

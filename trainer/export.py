@@ -59,7 +59,13 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     except UnsupportedModel as err:
         raise ConfigError(str(err)) from None
     store = cfg.checkpoint.folder or run / "checkpoints"
-    good = [(step, path) for step, path in complete_checkpoints(store) if not damage(path)]
+    good = []
+    for step, path in complete_checkpoints(store):
+        problem = damage(path)
+        if problem:
+            print(f"warning: checkpoint step {step} is damaged ({problem}); not exported")
+        else:
+            good.append((step, path))
     if not good:
         raise ConfigError(f"{run} has no complete checkpoint")
     step, checkpoint = good[-1]
@@ -69,6 +75,9 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "auto") -> Path:
     tmp.mkdir(parents=True)
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        (tmp / "model.safetensors").chmod(0o666 & ~umask)  # as any other file written here
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in TOKENIZER_FILES if cfg.model.init_from else ():
             if (Path(cfg.model.init_from) / name).is_file():
