@@ -109,14 +109,13 @@ class MathBackend(AttentionBackend):
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+    """K/V heads repeated for grouped queries ([..., heads, dim])."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=-2)
 
 
 def _fold_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return dx
-    t, hq, d = dx.shape
-    return dx.view(t, hq // groups, groups, d).sum(2)
+    """The gradients of repeated K/V heads summed back onto each head ([..., heads, dim])."""
+    return dx if groups == 1 else dx.unflatten(-2, (-1, groups)).sum(-2)
 
 
 class CpuFlashBackend(AttentionBackend):
@@ -183,18 +182,15 @@ class CpuFlashDense(DenseBatched):
     def forward_batched(self, q, k, v, causal, scale):
         g = q.shape[2] // k.shape[2]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), *(x.repeat_interleave(g, dim=2).transpose(1, 2) for x in (k, v)),
-            is_causal=causal, scale=scale)
+            q.transpose(1, 2), *(_repeat_kv(x, g).transpose(1, 2) for x in (k, v)), is_causal=causal, scale=scale)
         return out.transpose(1, 2), lse.to(lse_dtype(q.dtype))
 
     def backward_batched(self, dout, q, k, v, out, lse, causal, scale):
-        b, lk, hkv, d = k.shape
-        g = q.shape[2] // hkv
+        g = q.shape[2] // k.shape[2]
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.transpose(1, 2), q.transpose(1, 2), *(x.repeat_interleave(g, dim=2).transpose(1, 2) for x in (k, v)),
+            dout.transpose(1, 2), q.transpose(1, 2), *(_repeat_kv(x, g).transpose(1, 2) for x in (k, v)),
             out.transpose(1, 2), lse.to(CpuFlashBackend._lse_kernel_dtype(q)), 0.0, causal, scale=scale)
-        fold = lambda x: x.transpose(1, 2).reshape(b, lk, hkv, g, d).sum(3)  # noqa: E731
-        return dq.transpose(1, 2), fold(dk), fold(dv)
+        return dq.transpose(1, 2), _fold_kv(dk.transpose(1, 2), g), _fold_kv(dv.transpose(1, 2), g)
 
 
 def _finite_lse_for_kernel(lse: torch.Tensor) -> torch.Tensor:

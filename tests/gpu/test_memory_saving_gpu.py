@@ -14,24 +14,14 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from parallel.attention import LocalAttention, select_backend
+from tests.test_model import KernelCalls
 from trainer.config import ModelConfig
 from trainer.model import Transformer
-from trainer.parallelize import ATTENTION_KERNELS, apply_activation_checkpointing
+from trainer.parallelize import apply_activation_checkpointing
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-class KernelCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func in ATTENTION_KERNELS
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("tile", [0, 1024])
