@@ -90,7 +90,7 @@ def test_resolve_decides_for_the_workers_device(small_dataset):
     need = lambda s: (s.applied(base).state_bytes(2) + s.applied(base).activation_bytes(65536)) / 2**30  # noqa: E731
     limit = 80.0 * MEMORY_RESERVE
     assert 0 < saving.recomputed < n and need(saving) <= limit < need(replace(saving, recomputed=saving.recomputed - 1))
-    plain = choose(n, [(False, 0)], None, need, limit, lambda s: 0.0)
+    plain = choose(n, [(False, 0, False)], None, need, limit, lambda s: 0.0)
     assert saving.applied(base).microbatch_time([65536], 1) <= plain.applied(base).microbatch_time([65536], 1)
     assert saving.keep_attention  # one GPU: keeping attention outputs beats running attention again
     with pytest.raises(ConfigError, match="model.attention_backend=cudnn needs CUDA GPUs"):
@@ -143,7 +143,7 @@ def test_a_micro_batch_that_cannot_fit_is_refused_naming_what_it_needs(small_dat
     base = [f"data.path={small_dataset}", "model=llama-1b-long", "data.context_len=131072",
             "data.tokens_per_microbatch=131072", "cluster.workers=1", "train.loss_chunk=8192"]
     with pytest.raises(ConfigError, match=r"a micro-batch of 131,072 tokens \(131,072 per GPU\) needs 1\d\d\.\d GB on "
-                                          r"each GPU with 0/16 blocks recomputed; the GPUs hold 139\.8 GB"):
+                                          r"each GPU with 0/16 blocks recomputed, AdamW moments in host memory; the GPUs hold 139\.8 GB"):
         resolve(load_config(DEMO, base + ["train.activation_checkpointing=false", "train.mlp_tile_tokens=0"]), H200)
     job = resolve(load_config(DEMO, base + ["train.activation_checkpointing=auto", "train.mlp_tile_tokens=0"]), H200)
     assert 0 < job.recomputed_blocks < 16  # auto recomputes what it must
@@ -156,7 +156,7 @@ def test_auto_memory_saving_counts_what_tp_and_pp_split(small_dataset):
     pp = 4 (layers, states) an 8B model at 32K recomputes fewer blocks than on one GPU, and what it
     chooses passes the memory check."""
     base = [f"data.path={small_dataset}", "model=llama-8b", "data.context_len=32768", "data.tokens_per_microbatch=32768",
-            "train.loss_chunk=0", "train.activation_checkpointing=auto"]
+            "train.loss_chunk=0", "train.activation_checkpointing=auto", "optim.offload=false"]
     one = resolve(load_config(DEMO, base + ["cluster.workers=1", "train.global_microbatches=1"]), H200)
     tp4 = resolve(load_config(DEMO, base + ["cluster.workers=4", "parallel.tp=4", "train.global_microbatches=1"]), H200)
     pp4 = resolve(load_config(DEMO, base + ["cluster.workers=4", "parallel.pp=4", "train.global_microbatches=4"]), H200)

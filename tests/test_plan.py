@@ -117,7 +117,7 @@ def test_invalid_cluster_specs_get_one_clear_line(override, message, capsys, sma
 
 def test_each_layout_recomputes_the_fewest_blocks_that_fit():
     """Selective checkpointing: a feasible layout fits (within the memory reserve) with its block
-    count and would not with one block fewer (with its kept attention and tiles); the trainer's `auto` rule
+    count and would not with one block fewer (with its kept attention, tiles and offload); the trainer's `auto` rule
     (parallel.planner.memory_saving.choose) gives the same count for whole blocks."""
     from dataclasses import replace
 
@@ -134,7 +134,7 @@ def test_each_layout_recomputes_the_fewest_blocks_that_fit():
     cost = CostModel(LLAMA_8B, replace(PRESETS["H100"], gpu_memory_gb=80.0), loss_chunk=8192)
     limit = cost.hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE
     tokens_list = (4096, 16384, 32768, 65536)
-    counts = [choose(32, [(False, 0)], None, lambda s, t=tokens: s.applied(cost).state_bytes(8)
+    counts = [choose(32, [(False, 0, False)], None, lambda s, t=tokens: s.applied(cost).state_bytes(8)
                      + s.applied(cost).activation_bytes(t), limit, lambda s: 0.0).recomputed for tokens in tokens_list]
     assert counts == sorted(counts) and counts[0] == 0 and 0 < counts[-1]
     for tokens, k in zip(tokens_list, counts):

@@ -108,6 +108,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
+    # AdamW's two moments in pinned host memory, streamed through the GPU at each step (8 B/param off the
+    # GPU); auto: where that is what makes the job fit, or makes it faster (parallel.planner.memory_saving)
+    offload: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -267,6 +270,7 @@ def validate(cfg: JobConfig) -> None:
              f"train.mlp_tile_tokens must be auto, 0 (untiled) or a positive token count, got {t.mlp_tile_tokens!r}")
     _require(t.keep_attention in (True, False, "auto"), f"train.keep_attention must be true, false or auto, "
              f"got {t.keep_attention!r}")
+    _require(o.offload in (True, False, "auto"), f"optim.offload must be true, false or auto, got {o.offload!r}")
     if "://" in cfg.checkpoint.folder:
         _check_url(cfg.checkpoint.folder)
     _require(c.workers % c.nodes == 0, f"cluster.workers={c.workers} is not divisible by cluster.nodes={c.nodes}")

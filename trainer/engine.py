@@ -1,7 +1,7 @@
 """The data-parallel engine: who owns the optimizer, the backward pass and the update.
 
 `FSDPEngine` (the default) holds one AdamW and LR schedule per model part (pipeline stages have
-several), clips the global gradient norm and steps them; its state is saved through DCP, so its
+several; the moments in host memory with `optim.offload`), clips the global gradient norm and steps them; its state is saved through DCP, so its
 checkpoints reshard to any layout. `DeepSpeedEngine` hands the model to DeepSpeed ZeRO 1–3 for
 data-parallel-only layouts, with the user's stage and settings (offload …) merged over the ones
 Loom's loop needs: one packed micro-batch per forward, `global_microbatches / dp` of them
@@ -74,9 +74,10 @@ class Engine(ABC):
 
 
 class FSDPEngine(Engine):
-    def __init__(self, cfg: JobConfig, parts: list[nn.Module], dims: ParallelDims):
+    def __init__(self, cfg: JobConfig, parts: list[nn.Module], dims: ParallelDims, offload: bool = False):
         self.parts, self.dims, self.grad_clip = parts, dims, cfg.optim.grad_clip
-        self.optimizers = [build_optimizer(part, cfg.optim) for part in parts]
+        local_ranks = cfg.cluster.workers // cfg.cluster.nodes
+        self.optimizers = [build_optimizer(part, cfg.optim, offload, local_ranks) for part in parts]
         self.schedules = Schedules([build_scheduler(o, cfg.optim, cfg.train.max_steps) for o in self.optimizers])
 
     def before_microbatch(self, last: bool) -> None:

@@ -131,6 +131,8 @@ def check_layout(cfg: JobConfig, world: int | None = None) -> Layout:
                  f"pp={p.pp} needs at least pp micro-batches per data-parallel rank (a multiple of pp for "
                  f"interleaved 1F1B); train.global_microbatches / dp = {per_rank}")
     if p.dp_engine == "deepspeed":
+        _require(cfg.optim.offload is not True, "optim.offload is Loom's own AdamW; with parallel.dp_engine="
+                 "deepspeed set DeepSpeed's offload_optimizer in parallel.deepspeed instead")
         _require(p.tp == p.pp == p.sp.degree == 1,
                  "parallel.dp_engine=deepspeed runs data parallelism only (tp = pp = sp.degree = 1)")
         _require("://" not in cfg.checkpoint.folder,
@@ -197,19 +199,27 @@ def hardware(cfg: JobConfig, target: Target) -> HardwareProfile:
 
 
 def memory_saving(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> MemorySaving:
-    """Recomputed blocks, kept attention outputs and SwiGLU tiles, as configured; what is `auto` is
-    chosen by `parallel.planner.memory_saving`'s rule for one micro-batch's share of a rank
-    (tokens / sp): the fewest blocks recomputed that fit the device, then the fastest."""
+    """Recomputed blocks, kept attention outputs, SwiGLU tiles and offloaded AdamW moments, as
+    configured; what is `auto` is chosen by `parallel.planner.memory_saving`'s rule for one
+    micro-batch's share of a rank (tokens / sp): the fewest blocks recomputed that fit the device,
+    then the fastest step."""
     t, n = cfg.train, cfg.model.n_layers
     setting = t.activation_checkpointing
     blocks = None if setting == "auto" else (n if setting is True else int(setting))
     cost = cost_model(cfg, layout, hw)
+    offload = cfg.optim.offload if cfg.parallel.dp_engine == "fsdp2" else False
     combos = options(None if t.keep_attention == "auto" else t.keep_attention,
                      None if t.mlp_tile_tokens == "auto" else t.mlp_tile_tokens, layout.ring == 1,
-                     cfg.data.tokens_per_microbatch // layout.sp)
+                     cfg.data.tokens_per_microbatch // layout.sp, None if offload == "auto" else offload)
+    microbatches = max(1, t.global_microbatches // layout.dp)
+
+    def step_seconds(s: MemorySaving) -> float:
+        c = s.applied(cost)
+        return (microbatches * c.microbatch_time([cfg.data.tokens_per_microbatch], layout.sp)
+                + c.step_fixed_time(layout.dp * layout.sp))
+
     return choose(n, combos, blocks, lambda s: gpu_bytes(cfg, layout, s.applied(cost)),
-                  hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE,
-                  lambda s: s.applied(cost).microbatch_time([cfg.data.tokens_per_microbatch], layout.sp))
+                  hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE, step_seconds)
 
 
 def gpu_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
@@ -256,7 +266,8 @@ def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: Me
     need = gpu_bytes(cfg, layout, saving.applied(cost_model(cfg, layout, hw))) / 2**30
     _require(need <= hw.gpu_memory_gb, f"a micro-batch of {tokens:,} tokens ({tokens // layout.sp:,} per GPU) needs "
              f"{need:.1f} GB on each GPU with {saving.describe(n)}; the GPUs hold {hw.gpu_memory_gb:.1f} GB: "
-             f"let Loom choose (train.activation_checkpointing, keep_attention and mlp_tile_tokens: auto), lower "
+             f"let Loom choose (train.activation_checkpointing, keep_attention, mlp_tile_tokens and optim.offload: "
+             f"auto), lower "
              f"data.tokens_per_microbatch or raise parallel.sp.degree")
 
 

@@ -126,7 +126,7 @@ class Trainer:
         if cfg.parallel.dp_engine == "deepspeed":
             return DeepSpeedEngine(cfg, self.parts[0], cfg.train.global_microbatches // self.dims.layout.dp,
                                    bf16=self.dtype == torch.bfloat16)
-        return FSDPEngine(cfg, self.parts, self.dims)
+        return FSDPEngine(cfg, self.parts, self.dims, offload=self.job.memory_saving.offload)
 
     # ------------------------------------------------------------------ checkpoints
 

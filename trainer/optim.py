@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay (none on norms) and a linear-warmup + cosine schedule."""
+"""AdamW with decoupled weight decay (none on norms), its moments on the GPU or in host memory
+(`trainer.host_adamw`), and a linear-warmup + cosine schedule."""
 
 from __future__ import annotations
 
@@ -8,14 +9,21 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig
+from trainer.host_adamw import HostAdamW
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, offload: bool = False,
+                    local_ranks: int = 1) -> torch.optim.AdamW:
+    """AdamW over the model's parameters; with `offload`, its moments in host memory shared by
+    `local_ranks` ranks of one host."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in model.parameters())  # one kernel for the whole update on GPUs
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    settings = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    if offload:
+        return HostAdamW(groups, local_ranks=local_ranks, **settings)
+    return torch.optim.AdamW(groups, **settings)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -25,7 +25,9 @@ Two techniques trade time for memory beyond recomputing whole blocks: recomputed
 their attention's output (`keep_attention`: only the cheap matmuls and element-wise work run
 again, the attention output stays), and a SwiGLU run in tiles of `mlp_tile` tokens, each
 recomputed in backward (`mlp_tile`: its hidden activations exist for one tile at a time, at the
-price of one more MLP forward).
+price of one more MLP forward). A third moves state instead of activations: AdamW's two moments
+in host memory (`offload_optimizer`), 8 bytes per parameter off the GPU for a copy in and out at
+each step over the host link (both directions at once).
 
 FLOPs and parameter counts come from `shape`, coefficients from a `HardwareProfile`. Torch-free.
 """
@@ -55,6 +57,7 @@ class CostModel:
     loss_chunk: int = 0  # rows of logits alive at once in the loss (0: all)
     keep_attention: bool = False  # recomputed blocks keep their attention output (no attention forward again)
     mlp_tile: int = 0  # tokens per SwiGLU tile (0: untiled)
+    offload_optimizer: bool = False  # AdamW moments in host memory, streamed through the GPU at each step
 
     # ------------------------------------------------------------------ time
 
@@ -111,8 +114,11 @@ class CostModel:
 
     def step_fixed_time(self, shard: int) -> float:
         """What an optimizer step costs besides its micro-batches: the update of this rank's shard of
-        the weights and the step's fixed overhead."""
-        return self.hw.step_overhead_s + self.shape.params() / shard * self.hw.optimizer_s_per_param
+        the weights (its moments' trip from the host and back, when offloaded) and the step's fixed
+        overhead."""
+        params = self.shape.params() / shard
+        offload = 8 * params / (self.hw.host_gbps * 1e9) if self.offload_optimizer else 0.0
+        return self.hw.step_overhead_s + params * self.hw.optimizer_s_per_param + offload
 
     def microbatch_time(self, lengths: list[int], group: int) -> float:
         """Time of one micro-batch holding documents of these lengths on `group` ranks."""
@@ -147,10 +153,23 @@ class CostModel:
     def layer_bytes_per_token(self) -> float:
         """Bytes all blocks hold per token; while a recomputed block runs its backward, part of its
         activations (RECOMPUTE_PEAK, fitted at 128K and 256K tokens with 7 and 13 blocks recomputed)
-        lives again on top."""
+        lives again on top. Where every block is recomputed, no block's activations are freed before
+        the first recomputed one runs its backward, and an untiled SwiGLU's three hidden activations
+        come on top as well (measured: 512K tokens of llama-1b-long needed 24 GB more than the rest
+        of this model says; Llama-3.1-8B at 128K ran out of memory)."""
         f = self.recomputed
         held = self.shape.n_layers * (f * self.block_bytes_per_token(True) + (1 - f) * self.block_bytes_per_token(False))
-        return held + (RECOMPUTE_PEAK * self.block_bytes_per_token(False) if f > 0 else 0.0)
+        swiglu = 1.04 * BYTES * 3 * self.shape.hidden_dim if f >= 1 and not self.mlp_tile else 0.0
+        return held + (RECOMPUTE_PEAK * self.block_bytes_per_token(False) + swiglu if f > 0 else 0.0)
+
+    def backward_bytes_per_token(self) -> float:
+        """The working set of a block's backward, per token, on top of what the blocks hold: the
+        gradients of the attention's output, q, k and v (bf16), the kernel's fp32 dQ accumulator, and
+        the residual stream's gradient with the one it is added to (26.3 KB/token fitted for
+        llama-1b-long on an H200 at 64K–1M tokens; this formula gives 26.6)."""
+        m = self.shape
+        q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+        return BYTES * (2 * q + 2 * kv) + 4 * q + 2 * BYTES * m.dim
 
     def logits_bytes(self, tokens: float) -> float:
         """The loss's bf16 logits and their fp32 gradient, `loss_chunk` rows at a time."""
@@ -160,21 +179,24 @@ class CostModel:
     def activation_bytes(self, tokens: float, tp: int = 1) -> float:
         """Bytes of activations held for backward by `tokens` tokens on one GPU of a tp group (its
         heads and SwiGLU columns; a SwiGLU tile is gathered whole over tp)."""
-        return (self.layer_bytes_per_token() * tokens + self.logits_bytes(tokens)) / tp + self.mlp_tile_bytes()
+        per_token = self.layer_bytes_per_token() + self.backward_bytes_per_token()
+        return (per_token * tokens + self.logits_bytes(tokens)) / tp + self.mlp_tile_bytes()
 
     def activation_bytes_per_token(self) -> float:
         """Bytes per token for long micro-batches (the logits of a chunked loss do not grow)."""
-        return self.layer_bytes_per_token() + (0.0 if self.loss_chunk else self.logits_bytes(1.0))
+        return (self.layer_bytes_per_token() + self.backward_bytes_per_token()
+                + (0.0 if self.loss_chunk else self.logits_bytes(1.0)))
 
     def state_bytes(self, shard: int, unsharded_copy: bool = False, microbatches: int = 1) -> float:
         """Weights and AdamW states at the memory peak — the start of a backward, when activations are
-        all alive — over `shard` ranks: fp32 master weights and two moments (12 B/param), one block's
+        all alive — over `shard` ranks: fp32 master weights and two moments (12 B/param; 4 with the
+        moments offloaded to the host), one block's
         gradients and gathered bf16 weights; `unsharded_copy` adds the bf16 weights and fp32 gradients
         held whole (adaptive mode). With several micro-batches a rank also holds, whole, the fp32
         gradients accumulated over those before and the bf16 ones they are added from (6 B/param;
         6.3 measured on an H200), since gradients are reduced once per step."""
         p = self.shape.params()
-        held = 12 * p / shard + (6 * p if unsharded_copy else 6 * p * 2 / max(1, self.shape.n_layers))
+        held = (4 if self.offload_optimizer else 12) * p / shard + (6 * p if unsharded_copy else 6 * p * 2 / max(1, self.shape.n_layers))
         if microbatches > 1 and not unsharded_copy:
             held += 6 * p
         return held

@@ -36,6 +36,7 @@ class HardwareProfile:
     microbatch_overhead_s: float = 0.015  # fixed time of one forward + backward of a micro-batch
     step_overhead_s: float = 0.25  # fixed time of an optimizer step: its host work and the GPU waits (fitted)
     optimizer_s_per_param: float = 1.0e-11  # fused AdamW on a rank's shard of fp32 weights and moments
+    host_gbps: float = 54.8  # per direction, pinned host memory ↔ GPU (PCIe 5 on an H200 host, measured)
     hop_latency_s: float = 2e-5
 
     def link_bytes_per_s(self, group: int) -> float:
