@@ -146,7 +146,8 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
         "dp": args.dp, "sp": args.sp, "sp_method": args.sp_method if args.sp > 1 else None,
         "attention_backend": "sdpa" if name == "sdpa" else trainer.backend.name, "compiled": job.compile,
         "blocks_recomputed": job.recomputed_blocks, "attention_kept": job.memory_saving.keep_attention,
-        "mlp_tile": job.memory_saving.mlp_tile, "optimizer_offload": job.memory_saving.offload, "loss_chunk": args.loss_chunk,
+        "mlp_tile": job.memory_saving.mlp_tile, "optimizer_offload": job.memory_saving.offload_moments,
+        "inputs_offload": job.memory_saving.offload_inputs, "loss_chunk": args.loss_chunk,
         "data": args.data or (f"random text, lengths of {Path(args.lengths).name}" if args.lengths
                               else f"random, {args.seq:,}-token documents"),
         "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times], "tokens_per_s": round(tokens / sum(times)),
@@ -185,7 +186,8 @@ def predicted(trainer: Trainer, args: argparse.Namespace, data: Path, records: l
     saving = job.memory_saving
     layout = Candidate(args.dp, 1, 1, args.sp, args.sp_method, "static", args.seq,
                        recomputed=saving.recomputed / job.model.n_layers, keep_attention=saving.keep_attention,
-                       mlp_tile=saving.mlp_tile, offload=saving.offload)
+                       mlp_tile=saving.mlp_tile, offload_moments=saving.offload_moments,
+                       offload_inputs=saving.offload_inputs)
     step_s, _, _ = search.static_time(layout)
     return {"predicted_step_s": round(statistics.mean(per_step), 4), "planner_step_s": round(step_s, 4),
             "predicted_mem_gb": round(search.memory_gb(layout), 2), "profile": hw.name}

@@ -60,8 +60,8 @@ def test_offloaded_training_equals_gpu_moments_and_resumes_either_way(small_data
     weights of optim.offload=false exactly; its step-4 checkpoint resumes with offload off (and
     the reverse) onto the same trajectory, bit for bit."""
     ov = tiny_overrides(small_dataset, tmp_path) + ["train.max_steps=8", "checkpoint.every=4"]
-    assert job_for(ov + ["optim.offload=true"], 2).memory_saving.offload
-    assert not job_for(ov + ["optim.offload=auto"], 2).memory_saving.offload  # (it fits without)
+    assert job_for(ov + ["optim.offload=true"], 2).memory_saving.offload_moments
+    assert not job_for(ov + ["optim.offload=auto"], 2).memory_saving.offload_moments  # (it fits without)
     (plain, p_plain), _ = run_ranks(train_rank, 2, ov + ["name=plain", "optim.offload=false"])
     (host, p_host), _ = run_ranks(train_rank, 2, ov + ["name=host", "optim.offload=true"])
     assert host["losses"] == plain["losses"]
@@ -88,10 +88,10 @@ def test_auto_offloads_where_the_moments_make_the_difference(tokens, offload):
     hw = named_profile("H200", "H200")
     overrides = ["model=llama-8b", "data.path=unused", f"data.context_len={tokens}", f"data.tokens_per_microbatch={tokens}",
                  "train.global_microbatches=1", "cluster.workers=1", "train.loss_chunk=8192",
-                 "train.activation_checkpointing=auto"]
+                 "train.activation_checkpointing=auto", "train.offload_activations=false"]
     cfg = load_config(None, overrides)
     saving = memory_saving(cfg, check_layout(cfg, 1), hw)
-    assert saving.offload is offload
+    assert saving.offload_moments is offload
     check_memory(cfg, check_layout(cfg, 1), hw, saving)
     if offload:
         cfg = load_config(None, overrides + ["optim.offload=false"])

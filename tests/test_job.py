@@ -90,7 +90,7 @@ def test_resolve_decides_for_the_workers_device(small_dataset):
     need = lambda s: (s.applied(base).state_bytes(2) + s.applied(base).activation_bytes(65536)) / 2**30  # noqa: E731
     limit = 80.0 * MEMORY_RESERVE
     assert 0 < saving.recomputed < n and need(saving) <= limit < need(replace(saving, recomputed=saving.recomputed - 1))
-    plain = choose(n, [(False, 0, False)], None, need, limit, lambda s: 0.0)
+    plain = choose(n, [(False, 0, False, False)], None, need, limit, lambda s: 0.0)
     assert saving.applied(base).microbatch_time([65536], 1) <= plain.applied(base).microbatch_time([65536], 1)
     assert saving.keep_attention  # one GPU: keeping attention outputs beats running attention again
     with pytest.raises(ConfigError, match="model.attention_backend=cudnn needs CUDA GPUs"):

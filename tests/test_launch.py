@@ -48,7 +48,8 @@ def test_train_on_ray_checkpoints_and_resumes(small_dataset, tmp_path):
 
 
 def test_ctrl_c_stops_every_worker(small_dataset, tmp_path):
-    ov = tiny_overrides(small_dataset, tmp_path, name="interrupt") + ["train.max_steps=100000", "checkpoint.every=100000"]
+    ov = tiny_overrides(small_dataset, tmp_path, name="interrupt") + ["train.max_steps=100000", "train.run_steps=0",
+                                                                      "checkpoint.every=100000"]  # (runs until stopped)
     proc = subprocess.Popen(LOOM + ov, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "interrupt" / "metrics.jsonl"
     deadline = time.time() + 180

@@ -66,6 +66,27 @@ def test_chunked_loss_equals_the_full_cross_entropy():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_the_compiled_loss_compiles_twice_for_any_micro_batch_lengths():
+    """As a real corpus's micro-batches come (65,483 tokens, then a 1,189-token end of an epoch, then
+    others), the loss's compiled region is compiled for the first chunk's shape and once more with
+    dynamic shapes, never again (each compile cost a step ~1 s on an H200)."""
+    from trainer.loss import linear_cross_entropy, logit_grads
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(logit_grads, backend=counting_backend, dynamic=None)
+    weight = torch.randn(64, 16)
+    for tokens in (65483, 1189, 40000, 100, 8192):
+        linear_cross_entropy(torch.randn(tokens, 16), weight, torch.randint(0, 64, (tokens,)), 8192, compiled)
+    assert len(graphs) == 2
+    torch._dynamo.reset()
+
+
 def test_compiled_and_selectively_checkpointed_model_equals_eager():
     """Compiled element-wise regions (Inductor's CPU code) with 2 of 3 blocks recomputed in backward
     give eager's loss and gradients (fp32, 1e-5 relative: fused kernels reorder the sums)."""
@@ -113,14 +134,17 @@ class KernelCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("keep_attention, tile", [(True, 0), (False, 16), (True, 16)])
-def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, tile):
+@pytest.mark.parametrize("keep_attention, tile, offload",
+                         [(True, 0, False), (False, 16, False), (True, 16, False), (False, 0, True), (True, 16, True)])
+def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, tile, offload):
     """Every block recomputed keeping its attention output, and/or the SwiGLU in tiles of 16 tokens
-    each recomputed: the plain model's loss and gradients (fp32, 1e-6 relative); a block that keeps
-    its attention never runs the kernel again in backward, and a tiled SwiGLU never computes its
-    activation for more than a tile of tokens."""
+    each recomputed, and/or each block's input sent to the host until its backward: the plain
+    model's loss and gradients (fp32, 1e-6 relative); a block that keeps its attention never runs
+    the kernel again in backward, a tiled SwiGLU never computes its activation for more than a tile
+    of tokens, and with the offload exactly one input per block went to the host."""
     import copy
 
+    from trainer.activation_offload import InputOffload
     from trainer.parallelize import apply_activation_checkpointing
 
     torch.manual_seed(0)
@@ -129,7 +153,8 @@ def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, t
     saving = copy.deepcopy(plain)
     for block in saving.layers.values():
         block.mlp_tile = tile
-    apply_activation_checkpointing(saving, {0, 1, 2}, keep_attention)
+    host = InputOffload(torch.device("cpu"), 0) if offload else None
+    apply_activation_checkpointing(saving, {0, 1, 2}, keep_attention, host)
     tokens, labels = torch.randint(0, 50, (72,)), torch.randint(0, 50, (72,))
     attend = LocalAttention(select_backend("cpu_flash", "cpu"), torch.tensor([0, 30, 72], dtype=torch.int32), 42)
     positions = torch.cat([torch.arange(30), torch.arange(42)])
@@ -148,3 +173,4 @@ def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, t
     assert kernels[1] == cfg.n_layers * (1 if keep_attention else 2)
     # tiled, no SwiGLU activation ever exists for more than a tile of the 72 tokens (forward and recompute)
     assert max(silu_rows[0]) == 72 and max(silu_rows[1]) == (tile or 72) and len(silu_rows[1]) > len(silu_rows[0])
+    assert (host.moved if host else 0) == (cfg.n_layers if offload else 0)

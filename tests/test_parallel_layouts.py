@@ -14,12 +14,14 @@ from tests.distributed import run_ranks
 from tests.test_training import train_rank
 from launch.cli import main
 
-MEMORY_SAVING = ["train.activation_checkpointing=true", "train.keep_attention=true", "train.mlp_tile_tokens=96"]
+MEMORY_SAVING = ["train.activation_checkpointing=true", "train.keep_attention=true", "train.mlp_tile_tokens=96",
+                 "train.offload_activations=true", "optim.offload=true"]
 LAYOUTS = {
     2: {"dp2": ["parallel.dp=2"], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "sp2": ["parallel.sp.degree=2"],
-        # every block recomputed keeping its attention output, the SwiGLU in tiles of 96 of a rank's 256 tokens
-        "tp2 kept tiled": ["parallel.tp=2", *MEMORY_SAVING],
-        "sp2 ulysses kept tiled": ["parallel.sp.degree=2", "parallel.sp.method=ulysses", *MEMORY_SAVING]},
+        # every block recomputed keeping its attention output, the SwiGLU in tiles of 96 of a rank's 256 tokens,
+        # the blocks' inputs and AdamW's moments in host memory
+        "tp2 kept tiled offloaded": ["parallel.tp=2", *MEMORY_SAVING],
+        "sp2 ulysses kept tiled offloaded": ["parallel.sp.degree=2", "parallel.sp.method=ulysses", *MEMORY_SAVING]},
     4: {"dp2·tp2": ["parallel.dp=2", "parallel.tp=2"], "tp2·pp2": ["parallel.tp=2", "parallel.pp=2"],
         "dp2·sp2": ["parallel.dp=2", "parallel.sp.degree=2"], "tp2·sp2": ["parallel.tp=2", "parallel.sp.degree=2"],
         "pp2·sp2": ["parallel.pp=2", "parallel.sp.degree=2"]},

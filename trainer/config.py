@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
-from parallel.choices import (AttentionBackendName, FeatureMap, LinearSPMethod, PipelineSchedule, SPMethod, SPMode,
-                              options)
+from parallel.choices import (AttentionBackendName, FeatureMap, LinearSPMethod, PipelineSchedule, Regroup, SPMethod,
+                              SPMode, options)
 from parallel.planner.shape import ModelShape
 from trainer.hf_config import ROPE_SCALING_KEYS, SHAPE_KEYS, UnsupportedModel, model_section, read_config
 
@@ -131,6 +131,9 @@ class TrainConfig:
     # the SwiGLU runs in tiles of this many tokens, each recomputed in backward (0: untiled); auto: tiles of
     # 16,384 where a rank holds more tokens and the cost model finds it faster within memory
     mlp_tile_tokens: int | Literal["auto"] = "auto"
+    # the inputs recomputed blocks keep, in pinned host memory between forward and backward (dim × 2 bytes per
+    # token and block off the GPU); auto: on GPUs, where the cost model finds it needed or faster
+    offload_activations: bool | Literal["auto"] = "auto"
     compile: bool | Literal["auto"] = "auto"  # torch.compile RMSNorm, SwiGLU and the q/k/v projections with RoPE; auto: on CUDA
     nonfinite: Literal["skip", "stop"] = "skip"  # a non-finite loss or gradient norm: skip the update, or stop
     max_consecutive_skips: int = 5  # skip: stop after this many non-finite steps in a row
@@ -155,6 +158,7 @@ class SequenceParallelConfig:
     mode: SPMode = "static"  # adaptive: degree = the largest group; every step regroups all ranks
     tokens_per_gpu: int = 0  # adaptive: activation budget per rank; 0 = from the cost model's memory estimate
     solver_time_s: float = 1.0  # adaptive: time cap of the MILP that polishes the greedy plan; 0 = greedy only
+    regroup: Regroup = "auto"  # adaptive: one grouping per step, a new one per round of micro-batches, or the faster
 
 
 @dataclass
@@ -271,6 +275,8 @@ def validate(cfg: JobConfig) -> None:
     _require(t.keep_attention in (True, False, "auto"), f"train.keep_attention must be true, false or auto, "
              f"got {t.keep_attention!r}")
     _require(o.offload in (True, False, "auto"), f"optim.offload must be true, false or auto, got {o.offload!r}")
+    _require(t.offload_activations in (True, False, "auto"),
+             f"train.offload_activations must be true, false or auto, got {t.offload_activations!r}")
     if "://" in cfg.checkpoint.folder:
         _check_url(cfg.checkpoint.folder)
     _require(c.workers % c.nodes == 0, f"cluster.workers={c.workers} is not divisible by cluster.nodes={c.nodes}")

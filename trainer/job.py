@@ -198,19 +198,21 @@ def hardware(cfg: JobConfig, target: Target) -> HardwareProfile:
     return replace(hw, gpus_per_node=c.workers // c.nodes, **overrides)
 
 
-def memory_saving(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> MemorySaving:
-    """Recomputed blocks, kept attention outputs, SwiGLU tiles and offloaded AdamW moments, as
-    configured; what is `auto` is chosen by `parallel.planner.memory_saving`'s rule for one
-    micro-batch's share of a rank (tokens / sp): the fewest blocks recomputed that fit the device,
-    then the fastest step."""
+def memory_saving(cfg: JobConfig, layout: Layout, hw: HardwareProfile, gpu: bool = True) -> MemorySaving:
+    """Recomputed blocks, kept attention outputs, SwiGLU tiles, offloaded AdamW moments and
+    offloaded inputs of recomputed blocks, as configured; what is `auto` is chosen by
+    `parallel.planner.memory_saving`'s rule for one micro-batch's share of a rank (tokens / sp): the
+    fewest blocks recomputed that fit the device, then the fastest step (inputs go to the host only
+    from a GPU: on a CPU there is nothing to gain)."""
     t, n = cfg.train, cfg.model.n_layers
     setting = t.activation_checkpointing
     blocks = None if setting == "auto" else (n if setting is True else int(setting))
     cost = cost_model(cfg, layout, hw)
     offload = cfg.optim.offload if cfg.parallel.dp_engine == "fsdp2" else False
+    inputs = t.offload_activations if t.offload_activations != "auto" else (None if gpu else False)
     combos = options(None if t.keep_attention == "auto" else t.keep_attention,
                      None if t.mlp_tile_tokens == "auto" else t.mlp_tile_tokens, layout.ring == 1,
-                     cfg.data.tokens_per_microbatch // layout.sp, None if offload == "auto" else offload)
+                     cfg.data.tokens_per_microbatch // layout.sp, None if offload == "auto" else offload, inputs)
     microbatches = max(1, t.global_microbatches // layout.dp)
 
     def step_seconds(s: MemorySaving) -> float:
@@ -253,7 +255,7 @@ def resolve(cfg: JobConfig, target: Target, world: int | None = None) -> Job:
     hw = hardware(cfg, target)
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if target.device == "cuda" else "fp32")
     compile_ = cfg.train.compile if cfg.train.compile != "auto" else target.device == "cuda"
-    saving = memory_saving(cfg, layout, hw)
+    saving = memory_saving(cfg, layout, hw, gpu=target.device == "cuda")
     if target.device == "cuda" and not layout.adaptive:
         check_memory(cfg, layout, hw, saving)
     return Job(cfg, layout, target, hw, backend, precision, bool(compile_), saving, adaptive_budget(cfg, layout, hw))
@@ -266,8 +268,8 @@ def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: Me
     need = gpu_bytes(cfg, layout, saving.applied(cost_model(cfg, layout, hw))) / 2**30
     _require(need <= hw.gpu_memory_gb, f"a micro-batch of {tokens:,} tokens ({tokens // layout.sp:,} per GPU) needs "
              f"{need:.1f} GB on each GPU with {saving.describe(n)}; the GPUs hold {hw.gpu_memory_gb:.1f} GB: "
-             f"let Loom choose (train.activation_checkpointing, keep_attention, mlp_tile_tokens and optim.offload: "
-             f"auto), lower "
+             f"let Loom choose (train.activation_checkpointing, keep_attention, mlp_tile_tokens, offload_activations "
+             f"and optim.offload: auto), lower "
              f"data.tokens_per_microbatch or raise parallel.sp.degree")
 
 

@@ -41,6 +41,7 @@ from trainer.ledger import Ledger
 from trainer.loader import StepLoader
 from trainer.metrics import MetricsWriter, log0, peak_memory_gb, plot_loss
 from trainer.model import Transformer, num_params
+from trainer.activation_offload import InputOffload
 from trainer.parallelize import parallelize, recomputed_block_ids, split_model, stage_ids
 from trainer.runner import MicrobatchRunner, PipelineRunner, Precision
 from trainer.sampler import PackedSampler
@@ -113,10 +114,16 @@ class Trainer:
         stages = stage_ids(dims.pp_rank, dims.layout.pp, dims.layout.pp_virtual)
         parts = [split_model(model, s, dims.layout.stages) for s in stages] if dims.layout.pp > 1 else [model]
         recomputed = recomputed_block_ids(self.job.recomputed_blocks, cfg.model.n_layers)
+        saving = self.job.memory_saving
+        self.input_offload = offload = None
+        if saving.offload_inputs and recomputed:  # the inputs all recomputed blocks of this host's ranks keep
+            host_bytes = (len(recomputed) * cfg.data.tokens_per_microbatch / dims.layout.sp * cfg.model.dim * 2
+                          * (cfg.cluster.workers // cfg.cluster.nodes))
+            self.input_offload = offload = InputOffload(self.device, host_bytes)
         for part in parts:
             parallelize(part, dims, recomputed, self.job.compile, fsdp=cfg.parallel.dp_engine == "fsdp2",
-                        param_dtype=self.dtype, keep_attention=self.job.memory_saving.keep_attention,
-                        mlp_tile=self.job.memory_saving.mlp_tile)
+                        param_dtype=self.dtype, keep_attention=saving.keep_attention, mlp_tile=saving.mlp_tile,
+                        offload=offload)
         if cfg.model.init_from:  # each rank reads the slices it holds; a run's own checkpoint, if any, follows
             load_pretrained(parts, cfg.model.init_from, cfg.model.tie_embeddings)
         return stages, parts
@@ -126,7 +133,7 @@ class Trainer:
         if cfg.parallel.dp_engine == "deepspeed":
             return DeepSpeedEngine(cfg, self.parts[0], cfg.train.global_microbatches // self.dims.layout.dp,
                                    bf16=self.dtype == torch.bfloat16)
-        return FSDPEngine(cfg, self.parts, self.dims, offload=self.job.memory_saving.offload)
+        return FSDPEngine(cfg, self.parts, self.dims, offload=self.job.memory_saving.offload_moments)
 
     # ------------------------------------------------------------------ checkpoints
 

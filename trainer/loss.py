@@ -41,7 +41,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = h[rows] @ weight.t()  # (under autocast: bf16 matmuls)
-            loss, grad = grads_of(logits, labels[rows])
+            # (a copy: a slice's storage offset would be one more thing a compiled grads_of specialises on,
+            # compiling again for a micro-batch shorter than one chunk)
+            loss, grad = grads_of(logits, labels[rows].clone())
             total += loss
             dh[rows] = grad @ weight
             dw += grad.t() @ h[rows]

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from parallel.data_parallel import apply_fsdp
 from parallel.mesh import ParallelDims
+from trainer.activation_offload import InputOffload
 from trainer.compiled import compile_elementwise
 from trainer.model import LinearAttention, Transformer
 
@@ -113,22 +114,27 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in ATTENTION_KERNELS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: nn.Module, blocks: set[int], keep_attention: bool = False) -> None:
+def apply_activation_checkpointing(model: nn.Module, blocks: set[int], keep_attention: bool = False,
+                                   offload: InputOffload | None = None) -> None:
     """Wraps the named transformer blocks (global layer indices; a pipeline stage holds some) so that
     their activations are recomputed in backward (non-reentrant: collectives inside, such as the
     ring's, simply run again in the same order on every rank). With `keep_attention` the attention
     kernels' outputs are saved instead (selective checkpointing by op): backward then runs only the
-    block's matmuls and element-wise work again."""
+    block's matmuls and element-wise work again. With `offload` the input each keeps goes to host
+    memory (trainer.activation_offload)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     kwargs = {"context_fn": partial(create_selective_checkpoint_contexts, _keep_attention)} if keep_attention else {}
     for name, block in list(model.layers.items()):
         if int(name) in blocks:
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+            if offload is not None:
+                offload.attach(model.layers[name])
 
 
 def parallelize(part: Transformer, dims: ParallelDims, recomputed: set[int], compiled: bool,
-                fsdp: bool, param_dtype: torch.dtype, keep_attention: bool = False, mlp_tile: int = 0) -> None:
+                fsdp: bool, param_dtype: torch.dtype, keep_attention: bool = False, mlp_tile: int = 0,
+                offload: InputOffload | None = None) -> None:
     """Makes one model part parallel in place: tp → activation checkpointing (and SwiGLU tiles) →
     compile → FSDP. Adaptive SP runs different numbers of micro-batches per rank: FSDP then gathers
     once per step."""
@@ -136,7 +142,7 @@ def parallelize(part: Transformer, dims: ParallelDims, recomputed: set[int], com
         apply_tp(part, dims.mesh["tp"])
     for block in part.layers.values():
         block.mlp_tile = mlp_tile
-    apply_activation_checkpointing(part, recomputed, keep_attention)
+    apply_activation_checkpointing(part, recomputed, keep_attention, offload)
     if compiled:
         compile_elementwise(part)
     if fsdp:

@@ -57,7 +57,8 @@ def winner_config(cfg: JobConfig, c: Candidate, global_tokens: int) -> JobConfig
     raw["train"]["activation_checkpointing"] = round(c.recomputed * cfg.model.n_layers)
     raw["train"]["keep_attention"] = c.keep_attention
     raw["train"]["mlp_tile_tokens"] = c.mlp_tile
-    raw["optim"]["offload"] = c.offload
+    raw["optim"]["offload"] = c.offload_moments
+    raw["train"]["offload_activations"] = c.offload_inputs
     raw["train"]["loss_chunk"] = loss_chunk(c)
     raw["cluster"]["device"] = "cuda" if raw["cluster"]["profile"] not in ("cpu",) else raw["cluster"]["device"]
     return config_from_dict(raw)
@@ -74,7 +75,8 @@ def print_table(found: list[Candidate], top: int) -> None:
         budget = f"{c.budget:,}" + ("/GPU" if c.mode == "adaptive" else "")
         ge, le = ("≥ ", "≤ ") if "lower bound" in c.verdict else ("", "")
         ckpt = (f"{c.recomputed:.0%}" + (" attn kept" if c.keep_attention else "") if c.recomputed else "no") + (
-            f", tiles {c.mlp_tile // 1024}K" if c.mlp_tile else "") + (", moments on host" if c.offload else "")
+            f", tiles {c.mlp_tile // 1024}K" if c.mlp_tile else "") + (
+            ", inputs on host" if c.offload_inputs else "") + (", moments on host" if c.offload_moments else "")
         table.add_row(str(i), c.layout, ckpt, budget, f"{ge}{c.step_s:.3f}",
                       f"{le}{c.tokens_per_s:,.0f}", f"{le}{100 * c.mfu:.1f}%", f"{c.memory_gb:.1f}", c.verdict or "best")
     console = Console(width=None if Console().is_terminal else 160)

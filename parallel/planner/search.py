@@ -14,7 +14,7 @@ a slice of at most 64 ranks with proportionally fewer tokens.
 Memory per GPU (at its peak, the start of backward): FSDP-sharded weights and AdamW states over
 dp × sp (split by tp × pp), the gathered weights, and activations of the micro-batches in flight (pp of them on the first
 1F1B stage), fewer with activation checkpointing, and a SwiGLU tile's working set. The memory
-saving (with AdamW moments in host memory where that fits or pays) is chosen within MEMORY_RESERVE of the GPU, as the trainer's `auto` chooses it; above the
+saving (with AdamW moments and checkpointed inputs in host memory where that fits or pays) is chosen within MEMORY_RESERVE of the GPU, as the trainer's `auto` chooses it; above the
 GPU's memory a candidate is rejected.
 """
 
@@ -106,7 +106,8 @@ class Candidate:
     recomputed: float = 0.0  # fraction of blocks recomputed in backward: the least that fits memory
     keep_attention: bool = False  # recomputed blocks keep their attention output
     mlp_tile: int = 0  # tokens per SwiGLU tile (0: untiled)
-    offload: bool = False  # AdamW moments in host memory
+    offload_moments: bool = False  # AdamW moments in host memory
+    offload_inputs: bool = False  # recomputed blocks' inputs in host memory
     step_s: float = math.inf
     memory_gb: float = 0.0
     tokens_per_s: float = 0.0
@@ -152,7 +153,8 @@ class PlanSearch:
         """The cost model of one tp × pp shard of the model (its heads and layers)."""
         return CostModel(self.model.shard(c.tp, c.pp), self.cluster.hw,
                          method="ulysses" if c.sp_method == "ulysses" else "ring", recomputed=c.recomputed,
-                         keep_attention=c.keep_attention, mlp_tile=c.mlp_tile, offload_optimizer=c.offload)
+                         keep_attention=c.keep_attention, mlp_tile=c.mlp_tile, offload_optimizer=c.offload_moments,
+                         offload_inputs=c.offload_inputs)
 
     def microbatches(self, c: Candidate) -> int:
         """Micro-batches per data-parallel replica in a step of a static layout."""
@@ -160,7 +162,8 @@ class PlanSearch:
 
     def memory_gb(self, c: Candidate) -> float:
         full = CostModel(self.model, self.cluster.hw, recomputed=c.recomputed, loss_chunk=loss_chunk(c),
-                         keep_attention=c.keep_attention, mlp_tile=c.mlp_tile, offload_optimizer=c.offload)
+                         keep_attention=c.keep_attention, mlp_tile=c.mlp_tile, offload_optimizer=c.offload_moments,
+                         offload_inputs=c.offload_inputs)
         states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive",
                                   microbatches=self.microbatches(c)) / (c.tp * c.pp)
         tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
@@ -285,17 +288,18 @@ class PlanSearch:
     def fitted(self, c: Candidate) -> Candidate:
         """The candidate with its memory saving as the trainer's `auto` chooses it
         (`parallel.planner.memory_saving`): the fewest recomputed blocks that fit memory, with or
-        without kept attention outputs (not with a ring), SwiGLU tiles and AdamW moments in host
-        memory, the fastest of those."""
+        without kept attention outputs (not with a ring), SwiGLU tiles, AdamW moments and the
+        recomputed blocks' inputs in host memory, the fastest of those."""
         n = self.model.n_layers
         tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
-        combos = options(None, None, c.sp == 1 or c.sp_method == "ulysses", tokens_per_gpu, None)
+        combos = options(None, None, c.sp == 1 or c.sp_method == "ulysses", tokens_per_gpu, None, None)
         with_saving = lambda s: replace(c, recomputed=s.recomputed / n, keep_attention=s.keep_attention,  # noqa: E731
-                                        mlp_tile=s.mlp_tile, offload=s.offload)
+                                        mlp_tile=s.mlp_tile, offload_moments=s.offload_moments,
+                                        offload_inputs=s.offload_inputs)
         best = choose(n, combos, None, lambda s: self.memory_gb(with_saving(s)),
                       self.cluster.hw.gpu_memory_gb * MEMORY_RESERVE, lambda s: self.static_time(with_saving(s))[0])
         c.recomputed, c.keep_attention, c.mlp_tile = best.recomputed / n, best.keep_attention, best.mlp_tile
-        c.offload = best.offload
+        c.offload_moments, c.offload_inputs = best.offload_moments, best.offload_inputs and best.recomputed > 0
         return c
 
     def run(self, budgets: list[int], adaptive: bool = True) -> list[Candidate]:
