@@ -19,8 +19,12 @@ the one that predicts one-GPU steps of real corpora within 10%) times it:
 4. `flexsp` — FlexSP's formulation: length buckets and a MILP over group sizes and counts,
    solved cold within the time cap;
 5. `loom` — Loom's adaptive SP as the trainer runs it (`AdaptivePlanner.solve`: greedy, then the
-   MILP warm-started and time-capped);
+   MILP warm-started and time-capped, against a grouping per round of micro-batches — Loom's own
+   version of the dynamic CP rounds — whichever the cost model finds faster);
 6. `loom_any_size` — Loom's greedy with groups of any size, not only powers of two.
+
+`loom_greedy` and `loom_rounds` are the two plans `loom` chooses between, each alone (their solve
+times add up to Loom's planning time before the optional MILP polish).
 
 `lower_bound` is no policy: the step if every GPU were busy all the time with the least work
 any grouping needs (communication left out) — no policy can beat it.
@@ -195,6 +199,9 @@ def run_policies(cost: CostModel, gpus: int, context: int, tokens_per_gpu: int, 
     greedy = planner.greedy(lengths)
     greedy_s = time.perf_counter() - t0
     record("loom_greedy", greedy, greedy_s)
+    t0 = time.perf_counter()
+    rounds = planner.in_rounds(lengths)
+    record("loom_rounds", rounds, time.perf_counter() - t0)
     t0 = time.perf_counter()
     record("loom", planner.solve(lengths), time.perf_counter() - t0)
     any_size = AnySizePlanner(cost, gpus, max_group, tokens_per_gpu)

@@ -57,9 +57,9 @@ def run_ranks(fn: Callable, world: int, *args: Any) -> list[Any]:
             p.join()
         items = [torch.load(Path(out) / f"rank{r}.pt", weights_only=False)
                  if (Path(out) / f"rank{r}.pt").exists() else None for r in range(world)]
-        for r, item in enumerate(items):  # a traceback explains more than a killed rank
-            if item is not None and "error" in item:
-                raise RuntimeError(f"rank {r} failed:\n{item['error']}")
+        errors = [f"rank {r} failed:\n{item['error']}" for r, item in enumerate(items) if item is not None and "error" in item]
+        if errors:
+            raise RuntimeError("\n".join(errors))
         for r, item in enumerate(items):
             if item is None:
                 raise RuntimeError(f"rank {r} died (exit code {procs[r].exitcode}) without a result")

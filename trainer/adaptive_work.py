@@ -1,11 +1,13 @@
 """A step's work under adaptive sequence parallelism.
 
 Every rank reads the whole step (all `global_microbatches` sampler micro-batches). Rank 0 plans
-how the step's sequences split over SP groups (`parallel.planner.adaptive`) — the plan for step
+how the step's sequences split over SP groups — one grouping for the step, or one per round of
+micro-batches (a rank then runs its groups in round order) (`parallel.planner.adaptive`) — the plan for step
 t+1 is solved in a separate, torch-free process while step t trains — and broadcasts it; each
 rank then repacks its group's sequences into micro-batches and runs them with that group's SP
-(a one-rank group runs plain attention). A rank that no group uses runs a one-token micro-batch
-that adds nothing, so that every rank joins the step's FSDP collectives.
+(a one-rank group runs plain attention). A rank that no group uses in the first or the last round
+runs a one-token micro-batch there that adds nothing, so that every rank joins the step's FSDP
+collectives in step with the others.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class AdaptiveWork:
         self.cfg, self.dims, self.backend, self.device, self.peek_next = cfg, dims, backend, device, peek_next
         self.pool_rank = pool.index(dist.get_rank())
         solver_time_s = cfg.parallel.sp.solver_time_s
-        self.planner = trainer_planner(cost, len(pool), dims.layout.sp, tokens_per_gpu, solver_time_s)
+        self.planner = trainer_planner(cost, len(pool), dims.layout.sp, tokens_per_gpu, solver_time_s,
+                                       cfg.parallel.sp.regroup)
         self._pending: cf.Future | None = None
         self._solver: cf.ProcessPoolExecutor | None = None
         if dist.get_rank() == 0 and solver_time_s > 0:
@@ -95,27 +98,36 @@ class AdaptiveWork:
         info = {"sp_groups": plan.describe(), "predicted_s": predicted, "solve_s": plan.solve_s,
                 "plan_gap": plan.gap, "solver": plan.solver}
         labels = float(sum(b.num_labels() for b in batches))
-        group = plan.group_of(self.pool_rank)
-        if group is None or not group.microbatches:
-            batch = idle_batch(self.device)
-            return StepWork([(batch, LocalAttention(self.backend, batch.cu_seqlens, 1))], labels, 0.0, info)
+        mine = [g for g in plan.groups_of(self.pool_rank) if g.microbatches]
         refs, _ = step_sequences(step)
-        items, lengths = [], []
+        items, flops = [], 0.0
+        # Every rank's first micro-batch runs in the first round and its last in the last: FSDP gathers
+        # the weights (over all ranks) during each rank's first forward and reduces the gradients during
+        # its last backward, layer by layer between the group's own exchanges, so those must line up.
+        if not mine or mine[0].round != 0:
+            items.append(self.idle())
         window = self.cfg.model.window
-        for mb in group.microbatches:
-            packed = repack(step, [refs[i] for i in mb])
-            lengths += packed.doc_lengths()
-            if group.size == 1:
-                items.append((packed, LocalAttention(self.backend, packed.cu_seqlens, packed.max_seqlen,
-                                                     window=window, lengths=packed.doc_lengths())))
-                continue
-            groups = self.dims.slice_sp_groups(group.start, group.size)
-            layout = make_layout(packed.doc_lengths(), groups, window=window, device=self.device)
-            idx = torch.from_numpy(layout.indices(groups.rank)).to(self.device)
-            local = PackedBatch(packed.tokens[idx], packed.labels[idx], packed.positions[idx], packed.cu_seqlens,
-                                packed.max_seqlen, packed.pieces)
-            items.append((local, SequenceParallelAttention(layout, groups, self.backend)))
-        return StepWork(items, labels, self.cfg.model.shape.model_flops(lengths) / group.size, info)
+        for group in mine:  # in round order: a group's ranks all reach it after their earlier rounds
+            for mb in group.microbatches:
+                packed = repack(step, [refs[i] for i in mb])
+                flops += self.cfg.model.shape.model_flops(packed.doc_lengths()) / group.size
+                if group.size == 1:
+                    items.append((packed, LocalAttention(self.backend, packed.cu_seqlens, packed.max_seqlen,
+                                                         window=window, lengths=packed.doc_lengths())))
+                    continue
+                groups = self.dims.slice_sp_groups(group.start, group.size)
+                layout = make_layout(packed.doc_lengths(), groups, window=window, device=self.device)
+                idx = torch.from_numpy(layout.indices(groups.rank)).to(self.device)
+                local = PackedBatch(packed.tokens[idx], packed.labels[idx], packed.positions[idx], packed.cu_seqlens,
+                                    packed.max_seqlen, packed.pieces)
+                items.append((local, SequenceParallelAttention(layout, groups, self.backend)))
+        if plan.rounds > 1 and (not mine or mine[-1].round != plan.rounds - 1):
+            items.append(self.idle())
+        return StepWork(items, labels, flops, info)
+
+    def idle(self) -> tuple[PackedBatch, LocalAttention]:
+        batch = idle_batch(self.device)
+        return batch, LocalAttention(self.backend, batch.cu_seqlens, 1)
 
     def close(self) -> None:
         if self._solver is not None:

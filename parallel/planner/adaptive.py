@@ -6,12 +6,21 @@ multiset of sizes with Σ size ≤ N tiles the ranks (largest first). A group ru
 in micro-batches of at most size × tokens_per_gpu tokens (the memory limit); a sequence longer
 than max_group × tokens_per_gpu fits nowhere and is an error naming its length.
 
+A plan keeps one grouping for the whole step, or regroups the ranks for each round of
+micro-batches (`regroup`): Megatron's dynamic context parallelism does the latter, and it wins
+where a few long sequences need large groups that would otherwise idle while the short ones run.
+A rank runs its groups in round order; groups of a round are disjoint, so every group's
+collectives see the same order on all its ranks.
+
 Solvers:
 - greedy (Megatron's dynamic context parallel, widened): every sequence's smallest group size
   that holds it; candidate partitions (each static size, and "one group per long sequence,
   size b for the rest" for every b), tried in order of their lower bound; longest-first
   assignment to the group that would finish the sequence soonest. Milliseconds; warm start,
   fallback and baseline.
+- rounds: longest first, each waiting sequence opens a group of its smallest size while ranks
+  are free, shorter ones join a group of the round with room (one micro-batch per group and
+  round); a round lasts as long as its slowest group.
 - MILP (HiGHS through highspy's modelling API): lengths in ≤ 16 buckets, integer counts of each
   bucket per group instance, binary group use, integer micro-batches per group, makespan
   objective, warm-started from the greedy plan and capped in time. Its assignment is re-evaluated
@@ -24,6 +33,7 @@ can hide it). Torch-free: the trainer solves the next step's plan in a separate 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import os
 import sys
@@ -40,6 +50,7 @@ class Group:
     start: int
     size: int
     microbatches: list[list[int]] = field(default_factory=list)  # sequence indices of the step
+    round: int = 0  # plans that regroup the ranks: the round of micro-batches this group runs in
 
     @property
     def ranks(self) -> range:
@@ -54,29 +65,72 @@ class Plan:
     solve_s: float = 0.0
     solver: str = "greedy"
 
-    def group_of(self, rank: int) -> Group | None:
-        return next((g for g in self.groups if rank in g.ranks), None)
+    def groups_of(self, rank: int) -> list[Group]:
+        """The groups a rank runs, in round order."""
+        return sorted((g for g in self.groups if rank in g.ranks), key=lambda g: g.round)
+
+    @property
+    def rounds(self) -> int:
+        return 1 + max((g.round for g in self.groups), default=0)
 
     @property
     def gap(self) -> float:
         return self.predicted_s / self.lower_bound_s - 1 if self.lower_bound_s else 0.0
 
     def describe(self) -> str:
-        sizes = [g.size for g in self.groups]
-        return "+".join(f"{sizes.count(s)}×{s}" for s in sorted(set(sizes), reverse=True))
+        """Group sizes and counts, e.g. 1×4+2×2 (one grouping), or each round's: 1×4 | 4×1."""
+        def grouping(r: int) -> str:
+            sizes = [g.size for g in self.groups if g.round == r]
+            return "+".join(f"{sizes.count(s)}×{s}" for s in sorted(set(sizes), reverse=True))
+        return " | ".join(grouping(r) for r in range(self.rounds))
+
+
+FIRST_FIT_MAX = 8192  # waiting sequences up to which a round is filled first fit (numpy over its groups)
 
 
 class SequenceTooLong(ValueError):
     pass
 
 
+class StepCosts:
+    """Per-sequence figures of one step's lengths, per group size, computed once per solve."""
+
+    def __init__(self, planner: "AdaptivePlanner", lengths):
+        self.lengths, self.planner = lengths, planner
+        self.n = np.asarray(lengths, dtype=np.float64)
+        self._attention: dict[int, np.ndarray] = {}
+        self._bound: dict[int, np.ndarray] = {}
+
+    def attention(self, size: int) -> np.ndarray:
+        if size not in self._attention:
+            self._attention[size] = self.planner.cost.attention_time(self.n, size)
+        return self._attention[size]
+
+    def bound_times(self, size: int) -> np.ndarray:
+        """Each sequence's share of a micro-batch on `size` ranks, communication left out."""
+        if size not in self._bound:
+            self._bound[size] = self.planner.share_times(self.n, size, with_comm=False)
+        return self._bound[size]
+
+
 class AdaptivePlanner:
     def __init__(self, cost: CostModel, ranks: int, max_group: int, tokens_per_gpu: int,
-                 buckets: int = 16, time_limit_s: float = 1.0, use_milp: bool = True):
+                 buckets: int = 16, time_limit_s: float = 1.0, use_milp: bool = True, regroup: str = "auto"):
         self.cost, self.ranks, self.tokens_per_gpu = cost, ranks, tokens_per_gpu
         self.max_group = 1 << int(math.log2(min(max_group, ranks)))
         self.sizes = [1 << i for i in range(int(math.log2(self.max_group)) + 1)]
         self.buckets, self.time_limit_s, self.use_milp = buckets, time_limit_s, use_milp
+        self.regroup = regroup  # step: one grouping per step; rounds: one per round; auto: the faster
+        self._step: StepCosts | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_step": None}  # (sent to the solver process every step: no cache with it)
+
+    def step_costs(self, lengths) -> StepCosts:
+        """The figures of these very lengths (the object a solve passes around), cached."""
+        if self._step is None or self._step.lengths is not lengths:
+            self._step = StepCosts(self, lengths)
+        return self._step
 
     # ------------------------------------------------------------------ costs of sequences and groups
 
@@ -108,7 +162,7 @@ class AdaptivePlanner:
         cap = size * self.tokens_per_gpu
         used: list[int] = []
         bins: list[list[int]] = []
-        for i in sorted(seqs, key=lambda j: -lengths[j]):
+        for i in sorted(seqs, key=lengths.__getitem__, reverse=True):  # (stable: ties keep their order)
             for b in range(len(bins)):
                 if used[b] + lengths[i] <= cap:
                     used[b] += lengths[i]
@@ -120,7 +174,28 @@ class AdaptivePlanner:
         return bins
 
     def group_time(self, lengths: list[int], mbs: list[list[int]], size: int) -> float:
-        return sum(self.cost.microbatch_time([lengths[i] for i in mb], size) for mb in mbs)
+        """Seconds of a group's micro-batches."""
+        return float(self.group_times(lengths, [(size, mbs)])[0])
+
+    def group_times(self, lengths, groups: list[tuple[int, list[list[int]]]]) -> np.ndarray:
+        """Seconds of each (size, micro-batches) group: one vectorised cost-model call per size."""
+        costs = self.step_costs(lengths)
+        out = np.zeros(len(groups))
+        by_size: dict[int, list[int]] = {}
+        for g, (size, mbs) in enumerate(groups):
+            if any(len(mb) for mb in mbs):
+                by_size.setdefault(size, []).append(g)
+        for size, members in by_size.items():
+            mbs = [mb for g in members for mb in groups[g][1] if len(mb)]
+            counts = [sum(1 for mb in groups[g][1] if len(mb)) for g in members]
+            sizes = [len(mb) for mb in mbs]
+            idx = np.fromiter(itertools.chain.from_iterable(mbs), dtype=np.int64, count=sum(sizes))
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            tokens = np.add.reduceat(costs.n[idx], starts)
+            attention = np.add.reduceat(costs.attention(size)[idx], starts)
+            times = self.cost.microbatch_times(tokens, attention, size)
+            out[members] = np.add.reduceat(times, np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        return out
 
     def finish(self, lengths: list[int], sizes: list[int], members: list[list[int]], solver: str) -> Plan:
         """Places the groups on aligned slices (largest first), packs and times them."""
@@ -128,7 +203,7 @@ class AdaptivePlanner:
         for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
             groups.append(Group(start, sizes[g], self.pack(lengths, members[g], sizes[g])))
             start += sizes[g]
-        makespan = max((self.group_time(lengths, gr.microbatches, gr.size) for gr in groups), default=0.0)
+        makespan = float(self.group_times(lengths, [(g.size, g.microbatches) for g in groups]).max(initial=0.0))
         return Plan(groups, makespan, self.lower_bound(lengths), solver=solver)
 
     def lower_bound(self, lengths: list[int], sizes: list[int] | None = None) -> float:
@@ -137,7 +212,8 @@ class AdaptivePlanner:
         kinds = sorted(set(sizes or self.sizes))
         ranks = min(self.ranks, sum(sizes)) if sizes else self.ranks
         need = self.min_sizes(lengths)
-        times = np.stack([self.share_times(lengths, s, with_comm=False) for s in kinds])  # [kinds, n]
+        costs = self.step_costs(lengths)
+        times = np.stack([costs.bound_times(s) for s in kinds])  # [kinds, n]
         allowed = np.array(kinds)[:, None] >= need[None, :]
         work = np.where(allowed, times * np.array(kinds)[:, None], np.inf).min(0)
         alone = np.where(allowed, times, np.inf).min(0)
@@ -145,18 +221,19 @@ class AdaptivePlanner:
 
     # ------------------------------------------------------------------ greedy
 
-    def _assign(self, lengths: list[int], sizes: list[int], times: dict[int, np.ndarray],
-                need: np.ndarray) -> list[list[int]]:
-        """Longest first, each sequence to the group (big enough) that would finish it soonest."""
-        heaps = {s: [(0.0, g) for g, t in enumerate(sizes) if t == s] for s in set(sizes)}
+    def _assign(self, order: list[int], sizes: list[int], times: dict[int, list[float]],
+                need: list[int]) -> list[list[int]]:
+        """In `order` (longest first), each sequence to the group (big enough) that would finish it
+        soonest; `times` and `need` as plain lists (this loop is the greedy's hot path)."""
+        kinds = [(s, [(0.0, g) for g, t in enumerate(sizes) if t == s], times[s]) for s in sorted(set(sizes))]
         members: list[list[int]] = [[] for _ in sizes]
-        for i in np.argsort(-np.asarray(lengths), kind="stable").tolist():
-            best, best_s = math.inf, 0
-            for s, heap in heaps.items():
-                if s >= need[i] and heap[0][0] + times[s][i] < best:
-                    best, best_s = heap[0][0] + times[s][i], s
-            g = heaps[best_s][0][1]
-            heapq.heapreplace(heaps[best_s], (best, g))
+        for i in order:
+            best, home = math.inf, None
+            for s, heap, t in kinds:
+                if s >= need[i] and heap[0][0] + t[i] < best:
+                    best, home = heap[0][0] + t[i], heap
+            g = home[0][1]
+            heapq.heapreplace(home, (best, g))
             members[g].append(i)
         return members
 
@@ -174,15 +251,16 @@ class AdaptivePlanner:
                 out.append(sizes)
         return [p for p in out if max(p) >= need.max(initial=1)]
 
-    def _assigned_plan(self, lengths: list[int], sizes: list[int], times: dict[int, np.ndarray],
+    def _assigned_plan(self, lengths: list[int], sizes: list[int], times: dict[int, list[float]],
                        need: np.ndarray, solver: str) -> Plan:
-        members = self._assign(lengths, sizes, times, need)
+        order = np.argsort(-np.asarray(lengths), kind="stable").tolist()
+        members = self._assign(order, sizes, times, need.tolist())
         used = [g for g in range(len(sizes)) if members[g]]
         return self.finish(lengths, [sizes[g] for g in used], [members[g] for g in used], solver)
 
     def greedy(self, lengths: list[int]) -> Plan:
         need = self.min_sizes(lengths)
-        times = {s: self.share_times(lengths, s) for s in self.sizes}
+        times = {s: self.share_times(lengths, s).tolist() for s in self.sizes}
         candidates = sorted(((self.lower_bound(lengths, p), p) for p in self.candidate_partitions(need)),
                             key=lambda c: c[0])
         best = None
@@ -194,10 +272,91 @@ class AdaptivePlanner:
                 best = plan
         return best
 
+    def in_rounds(self, lengths: list[int]) -> Plan:
+        """A grouping per round of micro-batches (see the module's docstring): each round takes the
+        waiting sequences longest first (`_first_fit_round`, or `_fast_round` for many sequences);
+        what finds no room waits for the next round."""
+        n = np.asarray(lengths, dtype=np.int64)
+        need = self.min_sizes(lengths)
+        waiting = np.argsort(-n, kind="stable").tolist()
+        groups: list[Group] = []
+        total, round_ = 0.0, 0
+        while waiting:
+            fill = self._first_fit_round if len(waiting) <= FIRST_FIT_MAX else self._fast_round
+            opened, waiting = fill(waiting, n, need)  # opened: [size, room, members], sizes non-increasing
+            start = 0
+            for size, _, members in opened:
+                groups.append(Group(start, size, [members], round_))
+                start += size
+            total += float(self.group_times(lengths, [(g[0], [g[2]]) for g in opened]).max(initial=0.0))
+            round_ += 1
+        return Plan(groups, total, self.lower_bound(lengths), solver="rounds")
+
+    def _first_fit_round(self, waiting: list[int], n: np.ndarray, need: np.ndarray) -> tuple[list, list[int]]:
+        """Each sequence into the first group of the round that is big enough and has room, else a
+        new group of its smallest size while ranks are free (Megatron's dynamic CP rule)."""
+        size = np.zeros(self.ranks, dtype=np.int64)
+        room = np.zeros(self.ranks, dtype=np.int64)
+        members: list[list[int]] = []
+        free, rest = self.ranks, []
+        for i in waiting:
+            count = len(members)
+            hit = np.flatnonzero((size[:count] >= need[i]) & (room[:count] >= n[i]))
+            if hit.size:
+                g = int(hit[0])
+            elif need[i] <= free:
+                g, size[count], room[count] = count, need[i], need[i] * self.tokens_per_gpu
+                members.append([])
+                free -= int(need[i])
+            else:
+                rest.append(i)
+                continue
+            room[g] -= n[i]
+            members[g].append(i)
+        return [[int(size[g]), int(room[g]), m] for g, m in enumerate(members)], rest
+
+    def _fast_round(self, waiting: list[int], n: np.ndarray, need: np.ndarray) -> tuple[list, list[int]]:
+        """The same in time linear in the sequences: those that need several ranks go to the group
+        of the smallest fitting size with the most room, else a new group; the one-rank ones then
+        fill, next fit, the room left in the round's groups and one-rank groups on its free ranks."""
+        cap = self.tokens_per_gpu
+        free, opened, rest = self.ranks, [], []
+        heaps: dict[int, list[tuple[int, int]]] = {}  # size → (−room, group) of the round's groups
+        short = [i for i in waiting if need[i] == 1]
+        for i in (i for i in waiting if need[i] > 1):
+            home = None
+            for size in sorted(heaps):
+                if size >= need[i] and heaps[size] and -heaps[size][0][0] >= n[i]:
+                    home = heapq.heappop(heaps[size])[1]
+                    break
+            if home is None and need[i] <= free:
+                home = len(opened)
+                opened.append([int(need[i]), int(need[i]) * cap, []])
+                free -= int(need[i])
+            if home is None:
+                rest.append(i)
+                continue
+            opened[home][1] -= int(n[i])
+            opened[home][2].append(i)
+            heapq.heappush(heaps.setdefault(opened[home][0], []), (-opened[home][1], home))
+        bins = len(opened) + free  # the round's groups, then one-rank groups on its free ranks
+        b, room = 0, opened[0][1] if opened else cap
+        for k, i in enumerate(short):
+            while b < bins and room < n[i]:
+                b += 1
+                room = opened[b][1] if b < len(opened) else cap
+            if b == bins:
+                return opened, sorted(rest + short[k:], key=lambda j: -n[j])
+            if b >= len(opened):
+                opened.append([1, cap, []])
+            opened[b][2].append(i)
+            room -= int(n[i])
+        return opened, rest
+
     def static(self, lengths: list[int], size: int) -> Plan:
         """Every group of one size (static SP of that degree), for comparison."""
         sizes = [size] * (self.ranks // size)
-        return self._assigned_plan(lengths, sizes, {size: self.share_times(lengths, size)},
+        return self._assigned_plan(lengths, sizes, {size: self.share_times(lengths, size).tolist()},
                                    self.min_sizes(lengths), f"static-{size}")
 
     # ------------------------------------------------------------------ MILP
@@ -288,20 +447,28 @@ class AdaptivePlanner:
 
     def solve(self, lengths: list[int]) -> Plan:
         t0 = time.perf_counter()
-        plan = self.greedy(lengths)
-        if self.use_milp and len(lengths) > 1:
-            better = self.milp(lengths, plan)
-            if better is not None and better.predicted_s < plan.predicted_s * (1 - 1e-9):
-                plan = better
+        if self.regroup == "rounds":
+            plan = self.in_rounds(lengths)
+        else:
+            plan = self.greedy(lengths)
+            if self.use_milp and len(lengths) > 1:
+                better = self.milp(lengths, plan)
+                if better is not None and better.predicted_s < plan.predicted_s * (1 - 1e-9):
+                    plan = better
+            if self.regroup == "auto":
+                rounds = self.in_rounds(lengths)
+                if rounds.predicted_s < plan.predicted_s * (1 - 1e-9):
+                    plan = rounds
         plan.solve_s = time.perf_counter() - t0
         return plan
 
 
 def trainer_planner(cost: CostModel, ranks: int, max_group: int, tokens_per_gpu: int,
-                    solver_time_s: float) -> AdaptivePlanner:
-    """The planner as the trainer runs it: greedy, then the MILP polish within `solver_time_s` (0: greedy only)."""
+                    solver_time_s: float, regroup: str = "auto") -> AdaptivePlanner:
+    """The planner as the trainer runs it: greedy, then the MILP polish within `solver_time_s` (0:
+    greedy only), against a grouping per round where `regroup` allows it."""
     return AdaptivePlanner(cost, ranks, max_group, tokens_per_gpu, time_limit_s=solver_time_s,
-                           use_milp=solver_time_s > 0)
+                           use_milp=solver_time_s > 0, regroup=regroup)
 
 
 def quiet_highs():

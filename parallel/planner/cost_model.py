@@ -27,7 +27,8 @@ again, the attention output stays), and a SwiGLU run in tiles of `mlp_tile` toke
 recomputed in backward (`mlp_tile`: its hidden activations exist for one tile at a time, at the
 price of one more MLP forward). A third moves state instead of activations: AdamW's two moments
 in host memory (`offload_optimizer`), 8 bytes per parameter off the GPU for a copy in and out at
-each step over the host link (both directions at once).
+each step over the host link (both directions at once); and the recomputed blocks' inputs in host
+memory (`offload_inputs`), copied out while the forward goes on and back, exposed, in backward.
 
 FLOPs and parameter counts come from `shape`, coefficients from a `HardwareProfile`. Torch-free.
 """
@@ -58,6 +59,7 @@ class CostModel:
     keep_attention: bool = False  # recomputed blocks keep their attention output (no attention forward again)
     mlp_tile: int = 0  # tokens per SwiGLU tile (0: untiled)
     offload_optimizer: bool = False  # AdamW moments in host memory, streamed through the GPU at each step
+    offload_inputs: bool = False  # recomputed blocks' inputs in host memory between forward and backward
 
     # ------------------------------------------------------------------ time
 
@@ -106,11 +108,18 @@ class CostModel:
             flops = flops + np.where(tokens / group > self.mlp_tile, 6.0 * m.dim * m.hidden_dim * m.n_layers * tokens, 0.0)
         return flops / group / (self.hw.matmul_tflops * 1e12)
 
+    def inputs_offload_time(self, tokens, group: int):
+        """Seconds of bringing the recomputed blocks' inputs back from the host in backward."""
+        if not self.offload_inputs:
+            return 0.0
+        m = self.shape
+        return self.recomputed * m.n_layers * np.asarray(tokens) / group * m.dim * BYTES / (self.hw.host_gbps * 1e9)
+
     def _time(self, tokens, attention_s, group: int):
         # recomputed blocks run their attention forward again, unless they keep its output
         recompute = 1 + (0.0 if self.keep_attention else self.recomputed / BACKWARD_KERNEL)
         return (self.hw.microbatch_overhead_s + attention_s * recompute + self.matmul_time(tokens, group)
-                + self.comm_time(tokens, attention_s, group))
+                + self.comm_time(tokens, attention_s, group) + self.inputs_offload_time(tokens, group))
 
     def step_fixed_time(self, shard: int) -> float:
         """What an optimizer step costs besides its micro-batches: the update of this rank's shard of
@@ -124,6 +133,11 @@ class CostModel:
         """Time of one micro-batch holding documents of these lengths on `group` ranks."""
         return float(self._time(float(sum(lengths)), float(np.sum(self.attention_time(lengths, group))), group))
 
+    def microbatch_times(self, tokens, attention_s, group: int) -> np.ndarray:
+        """Times of micro-batches with these token counts and attention seconds (summed over their
+        documents, `attention_time`) on `group` ranks (vectorised)."""
+        return np.asarray(self._time(np.asarray(tokens, dtype=np.float64), np.asarray(attention_s), group))
+
     def sequence_times(self, lengths: np.ndarray, group: int) -> np.ndarray:
         """Each document alone in a micro-batch on `group` ranks (vectorised)."""
         n = np.asarray(lengths, dtype=np.float64)
@@ -132,13 +146,14 @@ class CostModel:
     # ------------------------------------------------------------------ memory
 
     def block_bytes_per_token(self, recomputed: bool) -> float:
-        """Bytes one block holds per token for backward (bf16): its input alone when recomputed (and
-        the attention output with its fp32 log-sum-exp when it keeps them)."""
+        """Bytes one block holds per token for backward (bf16): its input alone when recomputed (on
+        the host with `offload_inputs`), and the attention output with its fp32 log-sum-exp when it
+        keeps them."""
         m = self.shape
         if recomputed:
             # (softmax layers only: linear-attention layers call no attention kernel)
             kept = m.n_heads * (m.head_dim * BYTES + 4) * m.softmax_layers / m.n_layers if self.keep_attention else 0.0
-            return m.dim * BYTES + kept
+            return (0.0 if self.offload_inputs else m.dim * BYTES) + kept
         # norm inputs, projection inputs, q and the attention output, k and v, SwiGLU's inputs and product,
         # as saved with compiled element-wise regions, and 4% the allocator adds: 74.6 KB/token measured for
         # llama-1b-long on an H200 (64K tokens, no block recomputed); a tiled SwiGLU keeps only its input
