@@ -37,14 +37,25 @@ def stage(cfg: JobConfig) -> Path:
     return path
 
 
+AGENT_WAIT_S = 60  # a cluster just started may take this long before its job agent takes jobs
+
+
 def submit(cfg: JobConfig, address: str, wait: bool = True, python: str = "python") -> str:
     staged = stage(cfg)
-    job = client(address).submit_job(
-        entrypoint=f"{python} -m launch.cli train {staged}",
-        submission_id=f"loom-{cfg.name}-{int(time.time())}",
-        runtime_env={"working_dir": str(Path.cwd()), "excludes": EXCLUDES,
-                     "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **cfg.cluster.env}},
-    )
+    jobs, deadline = client(address), time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job = jobs.submit_job(
+                entrypoint=f"{python} -m launch.cli train {staged}",
+                submission_id=f"loom-{cfg.name}-{int(time.time())}",
+                runtime_env={"working_dir": str(Path.cwd()), "excludes": EXCLUDES,
+                             "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", **cfg.cluster.env}},
+            )
+            break
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"submitted {job} to {address}; run folder {Path(cfg.run_dir).resolve() / cfg.name}", flush=True)
     if wait:
         status = follow(job, address)

@@ -110,7 +110,11 @@ class WorkerGroup:
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         pending = list(refs)
         while pending:  # surface the first failure at once instead of waiting on the survivors
-            done, pending = ray.wait(pending, num_returns=1)
+            # (a wait of a second at a time: between waits Python raises a Ctrl-C's KeyboardInterrupt,
+            # which a blocking wait on a loaded machine was seen to hold back until the run ended)
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            if not done:
+                continue
             try:
                 ray.get(done[0])
             except ray.exceptions.RayActorError as err:

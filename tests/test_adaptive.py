@@ -59,28 +59,36 @@ def test_solver_equals_brute_force(seed):
     assert plan.lower_bound_s <= best * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("regroup", ["step", "rounds", "auto"])
+@pytest.mark.parametrize("regroup", ["step", "rounds", "rounds-linear", "auto"])
 @pytest.mark.parametrize("ranks, n", [(8, 50), (16, 200), (64, 1024)])
-def test_plans_cover_every_sequence_once_on_aligned_groups(ranks, n, regroup):
+def test_plans_cover_every_sequence_once_on_aligned_groups(ranks, n, regroup, monkeypatch):
+    """Every sequence once; within a round, groups on disjoint aligned power-of-two slices; no
+    micro-batch over its group's memory. `rounds-linear`: rounds filled by the linear-time rule
+    that many sequences get (forced here)."""
+    import parallel.planner.adaptive as adaptive
+
+    if regroup == "rounds-linear":
+        monkeypatch.setattr(adaptive, "FIRST_FIT_WORK", 0)
     rng = np.random.default_rng(ranks)
     lengths = np.clip(rng.lognormal(np.log(3000), 1.5, n), 16, 131072).astype(int).tolist()
-    p = planner(ranks, tokens_per_gpu=16384, milp=regroup != "rounds", regroup=regroup)
+    p = planner(ranks, tokens_per_gpu=16384, milp=regroup == "step" or regroup == "auto",
+                regroup=regroup.split("-")[0])
     plan = p.solve(lengths)
     seen = sorted(i for g in plan.groups for mb in g.microbatches for i in mb)
     assert seen == list(range(n))
     for round_ in range(plan.rounds):  # a round's groups are disjoint
         used = sorted(r for g in plan.groups if g.round == round_ for r in g.ranks)
         assert len(used) == len(set(used)) and max(used) < ranks
-    if regroup == "rounds":
+    for g in plan.groups:
+        assert g.size & (g.size - 1) == 0 and g.start % g.size == 0
+        for mb in g.microbatches:
+            assert sum(lengths[i] for i in mb) <= g.size * p.tokens_per_gpu
+    if regroup.startswith("rounds"):
         assert all(len(g.microbatches) == 1 for g in plan.groups)
         rounds = [max(p.group_time(lengths, g.microbatches, g.size) for g in plan.groups if g.round == r)
                   for r in range(plan.rounds)]
         assert plan.predicted_s == pytest.approx(sum(rounds), rel=1e-12)
         return
-    for g in plan.groups:
-        assert g.size & (g.size - 1) == 0 and g.start % g.size == 0
-        for mb in g.microbatches:
-            assert sum(lengths[i] for i in mb) <= g.size * p.tokens_per_gpu
     # never worse than the best static degree; the lower bound is below the plan
     statics = [p.static(lengths, s).predicted_s for s in p.sizes if s >= p.min_sizes(lengths).max()]
     assert plan.predicted_s <= min(statics) * (1 + 1e-9)

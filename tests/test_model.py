@@ -174,3 +174,29 @@ def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, t
     # tiled, no SwiGLU activation ever exists for more than a tile of the 72 tokens (forward and recompute)
     assert max(silu_rows[0]) == 72 and max(silu_rows[1]) == (tile or 72) and len(silu_rows[1]) > len(silu_rows[0])
     assert (host.moved if host else 0) == (cfg.n_layers if offload else 0)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_an_offloaded_block_input_does_not_stay_on_the_device(offload):
+    """After the forward, the inputs recomputed blocks saved are gone from the device when they went
+    to the host (here a CPU copy stands for it), and alive without the offload."""
+    import gc
+    import weakref
+
+    from trainer.activation_offload import InputOffload
+    from trainer.parallelize import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2))
+    apply_activation_checkpointing(model, {0, 1, 2}, False, InputOffload(torch.device("cpu"), 0) if offload else None)
+    inputs = []
+    for block in model.layers.values():
+        block.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))
+    tokens = torch.randint(0, 50, (40,))
+    attend = LocalAttention(select_backend("cpu_flash", "cpu"), torch.tensor([0, 40], dtype=torch.int32), 40)
+    loss = model(tokens, torch.arange(40), attend, tokens)
+    gc.collect()
+    alive = [ref() is not None for ref in inputs]
+    assert alive == [not offload] * 3
+    loss.backward()  # (and backward still finds them)
+    assert all(p.grad is not None for p in model.parameters())

@@ -14,17 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.host_adamw import HostMemoryError, available_host_bytes
+from trainer.host_adamw import check_host_memory
 
 
 class InputOffload:
     def __init__(self, device: torch.device, host_bytes: float):
-        """`host_bytes`: what this host's ranks will hold at once (checked against free memory)."""
-        if host_bytes > 0.9 * available_host_bytes():
-            raise HostMemoryError(
-                f"train.offload_activations puts {host_bytes / 2**30:.1f} GB of checkpointed activations in host "
-                f"memory, which has {available_host_bytes() / 2**30:.1f} GB free: set train.offload_activations=false, "
-                f"lower data.tokens_per_microbatch or raise parallel.sp.degree")
+        """`host_bytes`: what this host's ranks will hold at once (checked against the host's memory)."""
+        check_host_memory("train.offload_activations", host_bytes, "checkpointed activations",
+                          "lower data.tokens_per_microbatch or raise parallel.sp.degree")
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
@@ -44,8 +41,12 @@ class InputOffload:
         wrapped.register_forward_hook(end)
 
     def _packer(self, x: torch.Tensor):
+        # (the hook lives as long as what it packed: it must not hold the input itself, or the input
+        # would stay on the GPU until its backward)
+        pointer, shape = x.data_ptr(), x.shape
+
         def pack(t: torch.Tensor):
-            if t.data_ptr() != x.data_ptr() or t.shape != x.shape or t.numel() == 0:
+            if t.data_ptr() != pointer or t.shape != shape or t.numel() == 0:
                 return t
             self.moved += 1
             if not self.cuda:

@@ -5,16 +5,17 @@ The fp32 weights and gradients stay on the GPU. A step streams the moments throu
 `bucket_bytes`: each bucket is copied to the GPU on one stream, updated there by the same AdamW
 kernel a GPU-resident optimizer runs (so the weights come out bit for bit the same), and copied back
 on another, overlapping the next bucket's copy in (PCIe moves both directions at once); at most
-two buckets are in flight. The moments are one flat page-locked buffer per optimizer (pinned
-without the rounding up of torch's pinned allocator), viewed per parameter as the parameter's own
-kind of tensor — a DTensor of the same mesh and placements under FSDP — so DCP saves and reshards
-them like any optimizer state. Loading a checkpoint puts them back into that buffer. On a CPU the
-same code runs without copies.
+three buckets' copies are on the GPU at once. The moments are one flat page-locked buffer per
+optimizer (pinned without the rounding up of torch's pinned allocator), viewed per parameter as the
+parameter's own kind of tensor — a DTensor of the same mesh and placements under FSDP — so DCP
+saves and reshards them like any optimizer state. Loading a checkpoint copies them straight into
+that buffer, never all onto the GPU. On a CPU the same code runs without copies.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from collections import deque
 from collections.abc import Iterator
 
@@ -43,8 +44,17 @@ def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local
 
 
-def available_host_bytes() -> int:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def host_memory_bytes() -> int:
+    """The host's physical memory: what every rank of it compares its share of a host-wide need
+    with (free memory would count the ranks that allocated first twice)."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_host_memory(setting: str, need: float, what: str, fixes: str) -> None:
+    """One line, before anything is allocated, where a host-wide need exceeds 80% of the host."""
+    if need > 0.8 * host_memory_bytes():
+        raise HostMemoryError(f"{setting} puts {need / 2**30:.1f} GB of {what} in host memory, more than 80% of the "
+                              f"host's {host_memory_bytes() / 2**30:.1f} GB: set {setting}=false, {fixes}")
 
 
 class HostAdamW(torch.optim.AdamW):
@@ -58,16 +68,14 @@ class HostAdamW(torch.optim.AdamW):
         for p in params:
             offsets[p] = total
             total += 2 * _local(p).numel()
-        need = total * 4 * local_ranks
-        if need > 0.9 * available_host_bytes():
-            raise HostMemoryError(
-                f"optim.offload puts {need / 2**30:.1f} GB of AdamW moments ({local_ranks} ranks of this host) in host "
-                f"memory, which has {available_host_bytes() / 2**30:.1f} GB free: set optim.offload=false, "
-                f"shard the weights over more GPUs or use hosts with more memory")
+        check_host_memory("optim.offload", total * 4 * local_ranks, f"AdamW moments ({local_ranks} ranks of this host)",
+                          "shard the weights over more GPUs or use hosts with more memory")
         self.flat = torch.zeros(total, dtype=torch.float32)
         if self.cuda and self.flat.numel():
-            # page-locked in place: no rounding up, copies run asynchronously at PCIe speed
-            torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), self.flat.numel() * 4, 0)
+            # page-locked in place: no rounding up, copies run asynchronously at PCIe speed (pageable if refused)
+            cudart = torch.cuda.cudart()
+            if int(cudart.cudaHostRegister(self.flat.data_ptr(), self.flat.numel() * 4, 0)) == 0:
+                weakref.finalize(self, cudart.cudaHostUnregister, self.flat.data_ptr())
         self.offsets = offsets
         self.copy_in = torch.cuda.Stream(self.device) if self.cuda else None
         self.copy_out = torch.cuda.Stream(self.device) if self.cuda else None
@@ -147,13 +155,18 @@ class HostAdamW(torch.optim.AdamW):
         return done
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)  # (torch's loader puts every moment on its parameter's device)
-        for p, state in self.state.items():
-            for key in MOMENTS:
-                if key in state:
-                    host = self._host(p, key)
-                    _local(host).copy_(_local(state[key]))
-                    state[key] = host
+        """torch's loader would move every moment to its parameter's device at once: the moments are
+        taken out first and copied straight into the host buffer."""
+        moments = {i: {k: v for k, v in s.items() if k in MOMENTS} for i, s in state_dict["state"].items()}
+        rest = {i: {k: v for k, v in s.items() if k not in MOMENTS} for i, s in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": rest})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key, value in moments.get(i, {}).items():
+                host = self._host(p, key)
+                _local(host).copy_(_local(value))
+                self.state[p][key] = host
 
 
 class _Done:

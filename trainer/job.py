@@ -218,7 +218,7 @@ def memory_saving(cfg: JobConfig, layout: Layout, hw: HardwareProfile, gpu: bool
     def step_seconds(s: MemorySaving) -> float:
         c = s.applied(cost)
         return (microbatches * c.microbatch_time([cfg.data.tokens_per_microbatch], layout.sp)
-                + c.step_fixed_time(layout.dp * layout.sp))
+                + c.step_fixed_time(layout.dp * layout.sp * layout.tp * layout.pp))  # (the whole model's shard)
 
     return choose(n, combos, blocks, lambda s: gpu_bytes(cfg, layout, s.applied(cost)),
                   hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE, step_seconds)

@@ -85,7 +85,7 @@ class Plan:
         return " | ".join(grouping(r) for r in range(self.rounds))
 
 
-FIRST_FIT_MAX = 8192  # waiting sequences up to which a round is filled first fit (numpy over its groups)
+FIRST_FIT_WORK = 65536  # waiting sequences × rounds expected, up to which rounds are filled first fit
 
 
 class SequenceTooLong(ValueError):
@@ -274,17 +274,24 @@ class AdaptivePlanner:
 
     def in_rounds(self, lengths: list[int]) -> Plan:
         """A grouping per round of micro-batches (see the module's docstring): each round takes the
-        waiting sequences longest first (`_first_fit_round`, or `_fast_round` for many sequences);
-        what finds no room waits for the next round."""
+        waiting sequences longest first — first fit (`_first_fit_round`), or in time linear in the
+        sequences placed (`_fast_round`) where sequences × rounds would be many; what finds no room
+        waits for the next round."""
         n = np.asarray(lengths, dtype=np.int64)
         need = self.min_sizes(lengths)
-        waiting = np.argsort(-n, kind="stable").tolist()
+        order = np.argsort(-n, kind="stable").tolist()
+        rounds = float(n.sum()) / (self.ranks * self.tokens_per_gpu)
+        first_fit = len(order) * max(1.0, rounds) <= FIRST_FIT_WORK
+        waiting = (order, []) if first_fit else ([i for i in order if need[i] > 1], [i for i in order if need[i] == 1])
         groups: list[Group] = []
         total, round_ = 0.0, 0
-        while waiting:
-            fill = self._first_fit_round if len(waiting) <= FIRST_FIT_MAX else self._fast_round
-            opened, waiting = fill(waiting, n, need)  # opened: [size, room, members], sizes non-increasing
-            start = 0
+        while waiting[0] or waiting[1]:
+            if first_fit:
+                opened, rest = self._first_fit_round(waiting[0], n, need)
+                waiting = (rest, [])
+            else:
+                opened, waiting = self._fast_round(*waiting, n, need)
+            start = 0  # opened: [size, room, members], sizes non-increasing
             for size, _, members in opened:
                 groups.append(Group(start, size, [members], round_))
                 start += size
@@ -299,7 +306,8 @@ class AdaptivePlanner:
         room = np.zeros(self.ranks, dtype=np.int64)
         members: list[list[int]] = []
         free, rest = self.ranks, []
-        for i in waiting:
+        shortest = n[waiting[-1]]
+        for k, i in enumerate(waiting):
             count = len(members)
             hit = np.flatnonzero((size[:count] >= need[i]) & (room[:count] >= n[i]))
             if hit.size:
@@ -310,20 +318,24 @@ class AdaptivePlanner:
                 free -= int(need[i])
             else:
                 rest.append(i)
+                if not free and room[:count].max(initial=0) < shortest:  # the round is full
+                    rest += waiting[k + 1:]
+                    break
                 continue
             room[g] -= n[i]
             members[g].append(i)
         return [[int(size[g]), int(room[g]), m] for g, m in enumerate(members)], rest
 
-    def _fast_round(self, waiting: list[int], n: np.ndarray, need: np.ndarray) -> tuple[list, list[int]]:
-        """The same in time linear in the sequences: those that need several ranks go to the group
-        of the smallest fitting size with the most room, else a new group; the one-rank ones then
-        fill, next fit, the room left in the round's groups and one-rank groups on its free ranks."""
+    def _fast_round(self, long: list[int], short: list[int], n: np.ndarray,
+                    need: np.ndarray) -> tuple[list, tuple[list[int], list[int]]]:
+        """The same in time linear in the sequences placed: those that need several ranks (`long`)
+        go to the group of the smallest fitting size with the most room, else a new group; the
+        one-rank ones (`short`) then fill, next fit, the room left in the round's groups and
+        one-rank groups on its free ranks. Returns the groups and what waits, as (long, short)."""
         cap = self.tokens_per_gpu
         free, opened, rest = self.ranks, [], []
         heaps: dict[int, list[tuple[int, int]]] = {}  # size → (−room, group) of the round's groups
-        short = [i for i in waiting if need[i] == 1]
-        for i in (i for i in waiting if need[i] > 1):
+        for i in long:
             home = None
             for size in sorted(heaps):
                 if size >= need[i] and heaps[size] and -heaps[size][0][0] >= n[i]:
@@ -346,12 +358,12 @@ class AdaptivePlanner:
                 b += 1
                 room = opened[b][1] if b < len(opened) else cap
             if b == bins:
-                return opened, sorted(rest + short[k:], key=lambda j: -n[j])
+                return opened, (rest, short[k:])
             if b >= len(opened):
                 opened.append([1, cap, []])
             opened[b][2].append(i)
             room -= int(n[i])
-        return opened, rest
+        return opened, (rest, [])
 
     def static(self, lengths: list[int], size: int) -> Plan:
         """Every group of one size (static SP of that degree), for comparison."""

@@ -186,7 +186,8 @@ class PlanSearch:
         cost, hw, m = self.cost(c), self.cluster.hw, self.model
         microbatches = self.microbatches(c)
         attention_s = self.hist.per_token(cost.attention_time(self.hist.lengths, c.sp)) * c.budget
-        compute = attention_s + float(cost.matmul_time(float(c.budget), c.sp))
+        compute = (attention_s + float(cost.matmul_time(float(c.budget), c.sp))
+                   + float(cost.inputs_offload_time(float(c.budget), c.sp)))
         sp_comm = float(cost.comm_time(float(c.budget), attention_s, c.sp))
         if c.sp_method == "ring_bidir" and c.sp > 2:
             sp_comm *= -(-(c.sp - 1) // 2) / (c.sp - 1)  # hops of the longer direction
