@@ -60,7 +60,13 @@ def test_ctrl_c_stops_every_worker(small_dataset, tmp_path):
     workers = [p for p in family if "TrainWorker" in " ".join(p.cmdline())]
     assert len(workers) == 2
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # leave no cluster behind for the tests after this one
+        for p in [psutil.Process(proc.pid), *family]:
+            if p.is_running():
+                p.kill()
+        raise
     assert proc.returncode == 130, out
     assert "loom: interrupted" in out
     time.sleep(2)
