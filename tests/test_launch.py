@@ -50,7 +50,9 @@ def test_train_on_ray_checkpoints_and_resumes(small_dataset, tmp_path):
 def test_ctrl_c_stops_every_worker(small_dataset, tmp_path):
     ov = tiny_overrides(small_dataset, tmp_path, name="interrupt") + ["train.max_steps=100000", "train.run_steps=0",
                                                                       "checkpoint.every=100000"]  # (runs until stopped)
-    proc = subprocess.Popen(LOOM + ov, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # (Ctrl-C as a terminal sends it: with SIGINT at its default, whatever this test process inherited)
+    proc = subprocess.Popen(LOOM + ov, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "interrupt" / "metrics.jsonl"
     deadline = time.time() + 180
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
