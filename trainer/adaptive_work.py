@@ -28,7 +28,7 @@ from parallel.sequence_parallel import SequenceParallelAttention, make_layout
 from trainer.config import JobConfig
 from trainer.loader import PackedBatch
 from trainer.loss import IGNORE
-from trainer.work import StepWork
+from trainer.work import StepWork, local_mixers
 
 Sequence = tuple[int, int]  # (micro-batch of the step, document inside it)
 
@@ -112,8 +112,7 @@ class AdaptiveWork:
                 packed = repack(step, [refs[i] for i in mb])
                 flops += self.cfg.model.shape.model_flops(packed.doc_lengths()) / group.size
                 if group.size == 1:
-                    items.append((packed, LocalAttention(self.backend, packed.cu_seqlens, packed.max_seqlen,
-                                                         window=window, lengths=packed.doc_lengths())))
+                    items.append((packed, local_mixers(self.cfg, self.backend, packed)))
                     continue
                 groups = self.dims.slice_sp_groups(group.start, group.size)
                 layout = make_layout(packed.doc_lengths(), groups, window=window, device=self.device)
