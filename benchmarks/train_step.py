@@ -276,7 +276,8 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     with tempfile.TemporaryDirectory() as folder:
         if not args.data:
-            tokens = (args.warmup + args.steps + 3) * args.seq * (args.microbatches or args.dp)
+            # (4× what the steps take: the epoch's packing fills its micro-batches as a longer corpus's would)
+            tokens = 4 * (args.warmup + args.steps + 3) * args.seq * (args.microbatches or args.dp)
             random_dataset(Path(folder), corpus_lengths(args.lengths, tokens) if args.lengths
                            else [args.seq] * ((args.warmup + args.steps + 3) * (args.microbatches or args.dp)))
         torch.multiprocessing.spawn(worker, (args, free_port(), folder), nprocs=args.dp * args.sp)

@@ -90,7 +90,7 @@ def test_resolve_decides_for_the_workers_device(small_dataset):
     need = lambda s: (s.applied(base).state_bytes(2) + s.applied(base).activation_bytes(65536)) / 2**30  # noqa: E731
     limit = 80.0 * MEMORY_RESERVE
     assert 0 < saving.recomputed < n and need(saving) <= limit < need(replace(saving, recomputed=saving.recomputed - 1))
-    plain = choose(n, [(False, 0, False, False)], None, need, limit, lambda s: 0.0)
+    plain = choose(n, [(False, 0, False, False)], None, need, limit, lambda s: 0.0, 1.0, lambda s: 0.0)
     assert saving.applied(base).microbatch_time([65536], 1) <= plain.applied(base).microbatch_time([65536], 1)
     assert saving.keep_attention  # one GPU: keeping attention outputs beats running attention again
     with pytest.raises(ConfigError, match="model.attention_backend=cudnn needs CUDA GPUs"):
@@ -149,6 +149,24 @@ def test_a_micro_batch_that_cannot_fit_is_refused_naming_what_it_needs(small_dat
     assert 0 < job.recomputed_blocks < 16  # auto recomputes what it must
     tiled = resolve(load_config(DEMO, base + ["train.activation_checkpointing=false"]), H200)
     assert tiled.memory_saving.mlp_tile == 16384  # SwiGLU tiles (auto) let it fit without recomputing
+
+
+def test_offloads_fit_the_host_with_the_gpu(small_dataset):
+    """An 8B model at 256K on one H200: AdamW's moments (60 GB) and every recomputed block's input
+    (64 GB) would fill a 125 GB host (the lent machine's; a run there was killed), so `auto` keeps
+    the inputs on the GPU, and offloads them too with a 512 GB host; both asked for on the small
+    host is refused in one line that names host memory."""
+    base = [f"data.path={small_dataset}", "model=llama-8b", "data.context_len=262144",
+            "data.tokens_per_microbatch=262144", "cluster.workers=1", "train.global_microbatches=1",
+            "train.loss_chunk=8192", "train.activation_checkpointing=auto"]
+    small, large = Target("cuda", "NVIDIA H200", 139.8, 125.0), Target("cuda", "NVIDIA H200", 139.8, 512.0)
+    on_small = resolve(load_config(DEMO, base), small)
+    assert on_small.memory_saving.offload_moments and not on_small.memory_saving.offload_inputs
+    assert on_small.hardware.host_memory_gb == 125.0
+    on_large = resolve(load_config(DEMO, base), large).memory_saving
+    assert on_large.offload_moments and on_large.offload_inputs
+    with pytest.raises(ConfigError, match=r"puts 1\d\d\.\d GB per GPU in host memory .* 80% of the host's 125\.0 GB"):
+        resolve(load_config(DEMO, base + ["optim.offload=true", "train.offload_activations=true"]), small)
 
 
 def test_auto_memory_saving_counts_what_tp_and_pp_split(small_dataset):

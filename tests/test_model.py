@@ -153,7 +153,7 @@ def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, t
     saving = copy.deepcopy(plain)
     for block in saving.layers.values():
         block.mlp_tile = tile
-    host = InputOffload(torch.device("cpu"), 0) if offload else None
+    host = InputOffload(torch.device("cpu")) if offload else None
     apply_activation_checkpointing(saving, {0, 1, 2}, keep_attention, host)
     tokens, labels = torch.randint(0, 50, (72,)), torch.randint(0, 50, (72,))
     attend = LocalAttention(select_backend("cpu_flash", "cpu"), torch.tensor([0, 30, 72], dtype=torch.int32), 42)
@@ -188,7 +188,7 @@ def test_an_offloaded_block_input_does_not_stay_on_the_device(offload):
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2))
-    apply_activation_checkpointing(model, {0, 1, 2}, False, InputOffload(torch.device("cpu"), 0) if offload else None)
+    apply_activation_checkpointing(model, {0, 1, 2}, False, InputOffload(torch.device("cpu")) if offload else None)
     inputs = []
     for block in model.layers.values():
         block.register_forward_pre_hook(lambda module, args: inputs.append(weakref.ref(args[0])))

@@ -136,7 +136,8 @@ def test_each_layout_recomputes_the_fewest_blocks_that_fit():
     limit = cost.hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE
     tokens_list = (4096, 16384, 32768, 65536)
     counts = [choose(32, [(False, 0, False, False)], None, lambda s, t=tokens: s.applied(cost).state_bytes(8)
-                     + s.applied(cost).activation_bytes(t), limit, lambda s: 0.0).recomputed for tokens in tokens_list]
+                     + s.applied(cost).activation_bytes(t), limit, lambda s: 0.0, 1.0,
+                     lambda s: 0.0).recomputed for tokens in tokens_list]
     assert counts == sorted(counts) and counts[0] == 0 and 0 < counts[-1]
     for tokens, k in zip(tokens_list, counts):
         fits = lambda blocks: (replace(cost, recomputed=blocks / 32).activation_bytes(tokens)  # noqa: E731

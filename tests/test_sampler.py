@@ -63,6 +63,17 @@ def test_budgets_context_and_fill():
     assert fill >= 0.95 and fill > in_order + 0.02, (fill, in_order)
 
 
+def test_fill_holds_to_the_end_of_an_epoch_on_a_long_tail():
+    """Lengths like the stdlib corpus's (log-normal, median 6.8K and log-spread 1.87 at a 64K
+    context, scaled to 1K): filling the room with the largest pieces that fit keeps the short ones
+    for the end of the epoch, so the epoch is ≥ 99% full and needs at most 1% more micro-batches
+    than its tokens do (filling with the shortest pieces: 97.8% full, 2% more)."""
+    lengths = np.maximum(1, (np.random.default_rng(1).lognormal(8.83, 1.87, 1800) / 64).astype(int))
+    plan = PackedSampler(lengths, 1024, 1024, 1).plan(0)
+    fewest = -(-int(lengths.sum()) // 1024)
+    assert int(plan.length.sum()) / (len(plan) * 1024) >= 0.99 and len(plan) <= 1.01 * fewest, (len(plan), fewest)
+
+
 def pack_in_order_fill(lengths, budget) -> float:
     """The fill of packing these lengths in order, each micro-batch closed at the first that does not fit."""
     batches, used = 1, 0

@@ -7,6 +7,7 @@ forward goes on, and comes back on the compute stream when the block's backward 
 nothing else the block saves is touched (kept attention outputs stay). The hooks sit on the
 checkpoint wrapper's forward, so the recompute in backward, which calls the wrapped block itself,
 saves nothing again. On a CPU the "host copy" is a clone: the same code path, no memory saved.
+Whether the inputs fit the host next to AdamW's moments is decided with the job (`trainer.job`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.host_adamw import check_host_memory
-
 
 class InputOffload:
-    def __init__(self, device: torch.device, host_bytes: float):
-        """`host_bytes`: what this host's ranks will hold at once (checked against the host's memory)."""
-        check_host_memory("train.offload_activations", host_bytes, "checkpointed activations",
-                          "lower data.tokens_per_microbatch or raise parallel.sp.degree")
+    def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None

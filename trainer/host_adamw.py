@@ -23,6 +23,8 @@ import torch
 from torch.optim.adamw import adamw
 from torch.distributed.tensor import DTensor
 
+from parallel.planner.cost_model import HOST_RESERVE
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 BUCKET_BYTES = 1 << 30  # moments of one bucket (both together)
 
@@ -52,8 +54,9 @@ def host_memory_bytes() -> int:
 
 def check_host_memory(setting: str, need: float, what: str, fixes: str) -> None:
     """One line, before anything is allocated, where a host-wide need exceeds 80% of the host."""
-    if need > 0.8 * host_memory_bytes():
-        raise HostMemoryError(f"{setting} puts {need / 2**30:.1f} GB of {what} in host memory, more than 80% of the "
+    if need > HOST_RESERVE * host_memory_bytes():
+        raise HostMemoryError(f"{setting} puts {need / 2**30:.1f} GB of {what} in host memory, more than "
+                              f"{100 * HOST_RESERVE:.0f}% of the "
                               f"host's {host_memory_bytes() / 2**30:.1f} GB: set {setting}=false, {fixes}")
 
 

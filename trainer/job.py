@@ -11,12 +11,13 @@ launcher finds it (this machine for an embedded cluster, a probe of a remote one
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from parallel.choices import CUDA_BACKENDS, AttentionBackendName, fastest_backend
 from parallel.layout import Layout, largest_ulysses, ring_and_ulysses
-from parallel.planner.cost_model import MEMORY_RESERVE, CostModel
+from parallel.planner.cost_model import HOST_RESERVE, MEMORY_RESERVE, CostModel
 from parallel.planner.hardware import HardwareProfile, UnknownProfile, named_profile
 from parallel.planner.memory_saving import MemorySaving, choose, options
 from trainer.config import ConfigError, JobConfig, ModelConfig, config_from_dict
@@ -31,6 +32,7 @@ class Target:
     device: Literal["cpu", "cuda"]
     name: str = "cpu"  # as torch names it, e.g. "NVIDIA H200"
     memory_gb: float = 0.0  # the device's memory (0 on CPU: the profile's figure stands)
+    host_memory_gb: float = 0.0  # its host's physical memory, shared by the host's workers (0: the profile's)
 
     @classmethod
     def this_process(cls) -> "Target":
@@ -40,7 +42,8 @@ class Target:
         if not torch.cuda.is_available():
             return cls("cpu")
         props = torch.cuda.get_device_properties(0)
-        return cls("cuda", props.name, props.total_memory / 2**30)
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        return cls("cuda", props.name, props.total_memory / 2**30, host)
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,7 @@ def check_pretrained(cfg: JobConfig) -> None:
 
 def hardware(cfg: JobConfig, target: Target) -> HardwareProfile:
     """The cost model's coefficients for the workers' device: `cluster.profile` (auto: the device's
-    preset), the device's own memory, then the cluster's overrides."""
+    preset), the device's own memory and its host's share per worker, then the cluster's overrides."""
     c = cfg.cluster
     try:
         hw = named_profile(c.profile, target.name)
@@ -194,6 +197,8 @@ def hardware(cfg: JobConfig, target: Target) -> HardwareProfile:
         raise ConfigError(str(err)) from None
     if target.memory_gb:
         hw = replace(hw, gpu_memory_gb=target.memory_gb)
+    if target.host_memory_gb:
+        hw = replace(hw, host_memory_gb=target.host_memory_gb / (c.workers // c.nodes))
     overrides = {k: getattr(c, k) for k in ("gpu_memory_gb", "intra_node_gbps", "inter_node_gbps") if getattr(c, k)}
     return replace(hw, gpus_per_node=c.workers // c.nodes, **overrides)
 
@@ -221,7 +226,8 @@ def memory_saving(cfg: JobConfig, layout: Layout, hw: HardwareProfile, gpu: bool
                 + c.step_fixed_time(layout.dp * layout.sp * layout.tp * layout.pp))  # (the whole model's shard)
 
     return choose(n, combos, blocks, lambda s: gpu_bytes(cfg, layout, s.applied(cost)),
-                  hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE, step_seconds)
+                  hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE, lambda s: host_bytes(cfg, layout, s.applied(cost)),
+                  hw.host_memory_gb * 2**30 * HOST_RESERVE, step_seconds)
 
 
 def gpu_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
@@ -230,6 +236,12 @@ def gpu_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
     states = cost.state_bytes(layout.dp * layout.sp, microbatches=cfg.train.global_microbatches // layout.dp)
     return states / (layout.tp * layout.pp) + cost.activation_bytes(cfg.data.tokens_per_microbatch // layout.sp,
                                                                      layout.tp)
+
+
+def host_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
+    """Host bytes one rank fills with its offloads: its shard of AdamW's moments, and its recomputed
+    blocks' inputs for its share of the largest micro-batch."""
+    return cost.host_bytes(cfg.data.tokens_per_microbatch // layout.sp, layout.dp * layout.sp * layout.tp * layout.pp)
 
 
 def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
@@ -265,12 +277,17 @@ def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: Me
     """The largest micro-batch must fit a GPU by the cost model's memory estimate (its share per
     rank, with the job's memory saving); else one line naming it and what it needs."""
     n, tokens = cfg.model.n_layers, cfg.data.tokens_per_microbatch
-    need = gpu_bytes(cfg, layout, saving.applied(cost_model(cfg, layout, hw))) / 2**30
+    cost = saving.applied(cost_model(cfg, layout, hw))
+    need = gpu_bytes(cfg, layout, cost) / 2**30
+    remedy = ("let Loom choose (train.activation_checkpointing, keep_attention, mlp_tile_tokens, offload_activations "
+              "and optim.offload: auto), lower data.tokens_per_microbatch or raise parallel.sp.degree")
     _require(need <= hw.gpu_memory_gb, f"a micro-batch of {tokens:,} tokens ({tokens // layout.sp:,} per GPU) needs "
-             f"{need:.1f} GB on each GPU with {saving.describe(n)}; the GPUs hold {hw.gpu_memory_gb:.1f} GB: "
-             f"let Loom choose (train.activation_checkpointing, keep_attention, mlp_tile_tokens, offload_activations "
-             f"and optim.offload: auto), lower "
-             f"data.tokens_per_microbatch or raise parallel.sp.degree")
+             f"{need:.1f} GB on each GPU with {saving.describe(n)}; the GPUs hold {hw.gpu_memory_gb:.1f} GB: {remedy}")
+    host = host_bytes(cfg, layout, cost) / 2**30
+    _require(host <= hw.host_memory_gb * HOST_RESERVE,
+             f"a micro-batch of {tokens:,} tokens ({tokens // layout.sp:,} per GPU) puts {host:.1f} GB per GPU in host "
+             f"memory with {saving.describe(n)}; {100 * HOST_RESERVE:.0f}% of the host's {hw.host_memory_gb:.1f} GB per "
+             f"GPU is {hw.host_memory_gb * HOST_RESERVE:.1f} GB: {remedy}")
 
 
 def check_resumable(cfg: JobConfig, data_fingerprint: str, location: str, marker: dict[str, Any]) -> None:

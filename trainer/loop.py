@@ -116,10 +116,8 @@ class Trainer:
         recomputed = recomputed_block_ids(self.job.recomputed_blocks, cfg.model.n_layers)
         saving = self.job.memory_saving
         self.input_offload = offload = None
-        if saving.offload_inputs and recomputed:  # the inputs all recomputed blocks of this host's ranks keep
-            host_bytes = (len(recomputed) * cfg.data.tokens_per_microbatch / dims.layout.sp * cfg.model.dim * 2
-                          * (cfg.cluster.workers // cfg.cluster.nodes))
-            self.input_offload = offload = InputOffload(self.device, host_bytes)
+        if saving.offload_inputs and recomputed:
+            self.input_offload = offload = InputOffload(self.device)
         for part in parts:
             parallelize(part, dims, recomputed, self.job.compile, fsdp=cfg.parallel.dp_engine == "fsdp2",
                         param_dtype=self.dtype, keep_attention=saving.keep_attention, mlp_tile=saving.mlp_tile,

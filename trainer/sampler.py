@@ -5,10 +5,11 @@ edges, seed, epoch): documents longer than the context are split into pieces at 
 length; pieces are shuffled and ordered by length bucket, longest bucket first; a micro-batch
 takes pieces from the long end while they fit its budget of `tokens_per_microbatch` tokens —
 pieces of a similar length, so micro-batches of a bucket cost alike — and fills the room left
-with the shortest pieces (micro-batches ≥ 95% full on real corpora, where buckets alone leave
-15–40% empty). A micro-batch lists its pieces longest first. The micro-batches are shuffled
-again. Optimizer steps consume `global_microbatches` micro-batches each from one stream that
-runs across epochs.
+with the largest pieces that fit, keeping the shortest for the room only they fit (an epoch's
+micro-batches 99.6% full on the stdlib corpus and 99.96% on the Wikipedia lengths at 64K, where
+buckets alone leave 15–40% empty). A micro-batch lists its pieces longest first. The
+micro-batches are shuffled again. Optimizer steps consume `global_microbatches` micro-batches
+each from one stream that runs across epochs.
 
 The state is global — (epoch, cursor) in units of micro-batches — never per rank, so a run
 saved on one number of data-parallel ranks resumes on another without skipping or repeating.
@@ -61,28 +62,45 @@ def split_into_pieces(lengths: np.ndarray, context_len: int) -> tuple[np.ndarray
     return doc, start, length
 
 
-PACKING = "long end, then filled from the short end; longest first"  # part of the stream's fingerprint
+PACKING = "long end, then the largest pieces that fit; longest first"  # part of the stream's fingerprint
 
 
-def pack_filled(lengths: np.ndarray, budget: int) -> list[list[int]]:
-    """Micro-batches over positions of `lengths` (ordered longest bucket first): each takes from the
-    long end while a piece fits, then from the short end; each lists its pieces longest first."""
-    n = lengths.tolist()
-    lo, hi = 0, len(n) - 1
-    batches = []
-    while lo <= hi:
-        members, used = [lo], n[lo]
-        lo += 1
-        while lo <= hi and used + n[lo] <= budget:
+def pack_filled(lengths: np.ndarray, buckets: np.ndarray, budget: int) -> list[list[int]]:
+    """Micro-batches over positions of `lengths`, ordered by bucket (`buckets`, non-increasing):
+    each takes pieces from the long end while they fit, then fills the room left with the largest
+    pieces that fit (a bucket at a time, from the largest down, each bucket's pieces in order), so
+    that short pieces stay for the room that only they fit; each lists its pieces longest first."""
+    n, bucket_of = lengths.tolist(), buckets.tolist()
+    stacks: list[list[int]] = [[] for _ in range(max(bucket_of, default=-1) + 1)]
+    for i in reversed(range(len(n))):
+        stacks[bucket_of[i]].append(i)
+    taken = [False] * len(n)
+
+    def next_of(bucket: int) -> int | None:
+        stack = stacks[bucket]
+        while stack and taken[stack[-1]]:
+            stack.pop()
+        return stack[-1] if stack else None
+
+    lo, batches = 0, []
+    while True:
+        while lo < len(n) and taken[lo]:
+            lo += 1
+        if lo == len(n):
+            return batches
+        members, used = [], 0
+        while lo < len(n) and (not members or used + n[lo] <= budget):
             members.append(lo)
             used += n[lo]
-            lo += 1
-        while lo <= hi and used + n[hi] <= budget:
-            members.append(hi)
-            used += n[hi]
-            hi -= 1
+            taken[lo] = True
+            while lo < len(n) and taken[lo]:
+                lo += 1
+        for bucket in reversed(range(len(stacks))):
+            while (i := next_of(bucket)) is not None and used + n[i] <= budget:
+                members.append(i)
+                used += n[i]
+                taken[i] = True
         batches.append(sorted(members, key=lambda i: -n[i]))
-    return batches
 
 
 class PackedSampler:
@@ -110,7 +128,7 @@ class PackedSampler:
         rng = np.random.default_rng([self.seed, epoch])
         bucket = np.searchsorted(self.edges, length, side="left")
         order = np.lexsort((rng.random(doc.size), -bucket))  # longest bucket first, shuffled inside each
-        batches = pack_filled(length[order], self.budget)
+        batches = pack_filled(length[order], bucket[order], self.budget)
         segments = [order[batches[i]] for i in rng.permutation(len(batches))]
         bounds = np.concatenate([[0], np.cumsum([s.size for s in segments])])
         return EpochPlan(doc, start, length, np.concatenate(segments), bounds)

@@ -45,6 +45,7 @@ from parallel.planner.shape import BACKWARD_KERNEL, ModelShape
 
 BYTES = 2  # bf16 activations and K/V on the wire
 MEMORY_RESERVE = 0.9  # share of a GPU's memory the model plans to use (the allocator needs the rest)
+HOST_RESERVE = 0.8  # share of a host's memory that offloaded moments and activations may fill
 RECOMPUTE_PEAK = 0.41  # of a block's activations, alive again while a recomputed block runs its backward
 CommMethod = Literal["ring", "ulysses", "lasp2"]
 
@@ -115,11 +116,16 @@ class CostModel:
         m = self.shape
         return self.recomputed * m.n_layers * np.asarray(tokens) / group * m.dim * BYTES / (self.hw.host_gbps * 1e9)
 
-    def _time(self, tokens, attention_s, group: int):
-        # recomputed blocks run their attention forward again, unless they keep its output
+    def compute_time(self, tokens, attention_s, group: int):
+        """Seconds of a micro-batch's kernels and host copies on each of `group` ranks, given its
+        attention seconds (`attention_time`, summed): recomputed blocks run their attention forward
+        again unless they keep its output."""
         recompute = 1 + (0.0 if self.keep_attention else self.recomputed / BACKWARD_KERNEL)
-        return (self.hw.microbatch_overhead_s + attention_s * recompute + self.matmul_time(tokens, group)
-                + self.comm_time(tokens, attention_s, group) + self.inputs_offload_time(tokens, group))
+        return attention_s * recompute + self.matmul_time(tokens, group) + self.inputs_offload_time(tokens, group)
+
+    def _time(self, tokens, attention_s, group: int):
+        return (self.hw.microbatch_overhead_s + self.compute_time(tokens, attention_s, group)
+                + self.comm_time(tokens, attention_s, group))
 
     def step_fixed_time(self, shard: int) -> float:
         """What an optimizer step costs besides its micro-batches: the update of this rank's shard of
@@ -208,13 +214,22 @@ class CostModel:
         moments offloaded to the host), one block's
         gradients and gathered bf16 weights; `unsharded_copy` adds the bf16 weights and fp32 gradients
         held whole (adaptive mode). With several micro-batches a rank also holds, whole, the fp32
-        gradients accumulated over those before and the bf16 ones they are added from (6 B/param;
-        6.3 measured on an H200), since gradients are reduced once per step."""
+        gradients accumulated over those before (4 B/param; FSDP adds each block's bf16 gradients
+        in as they come: 4.0 measured on an H200, llama-1b-long, 1 vs 2 and 4 micro-batches of the
+        stdlib corpus), since gradients are reduced once per step."""
         p = self.shape.params()
         held = (4 if self.offload_optimizer else 12) * p / shard + (6 * p if unsharded_copy else 6 * p * 2 / max(1, self.shape.n_layers))
         if microbatches > 1 and not unsharded_copy:
-            held += 6 * p
+            held += 4 * p
         return held
+
+    def host_bytes(self, tokens: float, shard: int) -> float:
+        """Host memory one rank fills: the AdamW moments of its shard of the weights (8 B/param,
+        `offload_optimizer`) and its recomputed blocks' inputs for `tokens` tokens (`offload_inputs`)."""
+        m = self.shape
+        moments = 8 * m.params() / shard if self.offload_optimizer else 0.0
+        inputs = self.recomputed * m.n_layers * tokens * m.dim * BYTES if self.offload_inputs else 0.0
+        return moments + inputs
 
     def free_bytes(self, shard: int, unsharded_copy: bool = False, microbatches: int = 1) -> float:
         """Memory left for activations once the states are placed, MEMORY_RESERVE of the GPU usable."""

@@ -34,9 +34,12 @@ class HardwareProfile:
     inter_node_gbps: float = 25.0  # per GPU, e.g. 200 Gb/s InfiniBand
     gpus_per_node: int = 8
     microbatch_overhead_s: float = 0.015  # fixed time of one forward + backward of a micro-batch
-    step_overhead_s: float = 0.25  # fixed time of an optimizer step: its host work and the GPU waits (fitted)
+    # fixed time of an optimizer step: its host work and the GPU waits (fitted on H200 steps of 64K packed
+    # micro-batches of the stdlib corpus and the Wikipedia lengths, 1–4 per step, 2026-12-02)
+    step_overhead_s: float = 0.025
     optimizer_s_per_param: float = 1.0e-11  # fused AdamW on a rank's shard of fp32 weights and moments
     host_gbps: float = 54.8  # per direction, pinned host memory ↔ GPU (PCIe 5 on an H200 host, measured)
+    host_memory_gb: float = 125.0  # a host's memory per GPU (the lent one-H200 host; the workers' own where known)
     hop_latency_s: float = 2e-5
 
     def link_bytes_per_s(self, group: int) -> float:
@@ -63,7 +66,7 @@ PRESETS = {
     "cpu": HardwareProfile(name="cpu", gpu_memory_gb=4.0, peak_tflops=0.0, matmul_tflops=0.05,
                            attention_tflops=0.02, attention_token_s=0.0, short_attention_tflops=0.02,
                            short_attention_token_s=0.0, step_overhead_s=0.0, optimizer_s_per_param=0.0,
-                           intra_node_gbps=2.0, inter_node_gbps=1.0, gpus_per_node=64,
+                           intra_node_gbps=2.0, inter_node_gbps=1.0, gpus_per_node=64, host_memory_gb=16.0,
                            microbatch_overhead_s=0.02, hop_latency_s=1e-4,
                            dense_min_tokens=64),  # CPU flash per document ≈ 2× its masked packed call
 }

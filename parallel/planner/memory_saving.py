@@ -3,9 +3,10 @@ those keep their attention output, whether the SwiGLU runs in tiles, whether Ada
 in host memory, and whether the recomputed blocks' inputs do.
 
 One rule serves `loom plan`'s search and the trainer's `auto` settings: for every combination of
-the techniques the settings allow, the fewest recomputed blocks that fit memory; of the
-combinations that fit, the fastest by the cost model (on a tie, the one with fewer techniques on);
-when none fits, the one that needs the least memory, so that the caller can say what it needs.
+the techniques the settings allow, the fewest recomputed blocks that fit the GPU; of the
+combinations that fit the GPU and whose offloads fit the host, the fastest by the cost model (on a
+tie, the one with fewer techniques on); when none fits, the one that needs the least GPU memory,
+so that the caller can say what it needs.
 Torch-free.
 """
 
@@ -63,9 +64,11 @@ def options(keep_attention: bool | None, mlp_tile: int | None, keep_allowed: boo
 
 def choose(n_layers: int, combos: list[Combo], blocks: int | None,
            need: Callable[[MemorySaving], float], limit: float,
+           host_need: Callable[[MemorySaving], float], host_limit: float,
            seconds: Callable[[MemorySaving], float]) -> MemorySaving:
     """The setting by the module's rule. `blocks` fixes the recomputed count (None: the fewest that
-    fit); `need` is a setting's memory, compared with `limit`; `seconds` its time per step."""
+    fit); `need` is a setting's GPU memory, compared with `limit`, and `host_need` the host memory
+    its offloads fill, compared with `host_limit`; `seconds` its time per step."""
     ranked = []
     for keep, tile, moments, inputs in combos:
         base = MemorySaving(0, keep, tile, moments, inputs)
@@ -73,6 +76,6 @@ def choose(n_layers: int, combos: list[Combo], blocks: int | None,
             n_layers, lambda k, base=base: need(replace(base, recomputed=k)) <= limit)
         setting = replace(base, recomputed=count)
         needed = need(setting)
-        fits = needed <= limit
+        fits = needed <= limit and host_need(setting) <= host_limit
         ranked.append((not fits, seconds(setting) if fits else needed, keep + bool(tile) + moments + inputs, setting))
     return min(ranked, key=lambda r: r[:3])[3]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from parallel.planner.adaptive import AdaptivePlanner, SequenceTooLong
-from parallel.planner.cost_model import BYTES, MEMORY_RESERVE, CostModel
+from parallel.planner.cost_model import BYTES, HOST_RESERVE, MEMORY_RESERVE, CostModel
 from parallel.planner.hardware import HardwareProfile
 from parallel.planner.memory_saving import choose, options
 from parallel.planner.shape import BACKWARD_KERNEL, BACKWARD_MODEL, ModelShape
@@ -160,10 +160,20 @@ class PlanSearch:
         """Micro-batches per data-parallel replica in a step of a static layout."""
         return max(1, math.ceil(self.global_tokens / (c.dp * c.budget)))
 
-    def memory_gb(self, c: Candidate) -> float:
-        full = CostModel(self.model, self.cluster.hw, recomputed=c.recomputed, loss_chunk=loss_chunk(c),
+    def whole_cost(self, c: Candidate) -> CostModel:
+        """The cost model of the whole model with the candidate's memory saving (for its memory)."""
+        return CostModel(self.model, self.cluster.hw, recomputed=c.recomputed, loss_chunk=loss_chunk(c),
                          keep_attention=c.keep_attention, mlp_tile=c.mlp_tile, offload_optimizer=c.offload_moments,
                          offload_inputs=c.offload_inputs)
+
+    def host_gb(self, c: Candidate) -> float:
+        """Host memory per GPU that the candidate's offloads fill (pp micro-batches of its stage's
+        blocks in flight hold as many inputs as one micro-batch of all blocks)."""
+        tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
+        return self.whole_cost(c).host_bytes(tokens_per_gpu, c.dp * c.sp * c.tp * c.pp) / 2**30
+
+    def memory_gb(self, c: Candidate) -> float:
+        full = self.whole_cost(c)
         states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive",
                                   microbatches=self.microbatches(c)) / (c.tp * c.pp)
         tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
@@ -186,8 +196,7 @@ class PlanSearch:
         cost, hw, m = self.cost(c), self.cluster.hw, self.model
         microbatches = self.microbatches(c)
         attention_s = self.hist.per_token(cost.attention_time(self.hist.lengths, c.sp)) * c.budget
-        compute = (attention_s + float(cost.matmul_time(float(c.budget), c.sp))
-                   + float(cost.inputs_offload_time(float(c.budget), c.sp)))
+        compute = float(cost.compute_time(float(c.budget), attention_s, c.sp))
         sp_comm = float(cost.comm_time(float(c.budget), attention_s, c.sp))
         if c.sp_method == "ring_bidir" and c.sp > 2:
             sp_comm *= -(-(c.sp - 1) // 2) / (c.sp - 1)  # hops of the longer direction
@@ -238,6 +247,10 @@ class PlanSearch:
             return c
         if c.memory_gb > self.cluster.hw.gpu_memory_gb:
             c.verdict = f"out of memory ({c.memory_gb:.0f} GB > {self.cluster.hw.gpu_memory_gb:.0f} GB)"
+            return c
+        host, host_limit = self.host_gb(c), self.cluster.hw.host_memory_gb * HOST_RESERVE
+        if host > host_limit:
+            c.verdict = f"out of host memory ({host:.0f} GB per GPU > {host_limit:.0f} GB)"
             return c
         try:
             c.step_s, c.bubble, c.comm_frac = (self.adaptive_time if c.mode == "adaptive" else self.static_time)(c)
@@ -297,8 +310,10 @@ class PlanSearch:
         with_saving = lambda s: replace(c, recomputed=s.recomputed / n, keep_attention=s.keep_attention,  # noqa: E731
                                         mlp_tile=s.mlp_tile, offload_moments=s.offload_moments,
                                         offload_inputs=s.offload_inputs)
-        best = choose(n, combos, None, lambda s: self.memory_gb(with_saving(s)),
-                      self.cluster.hw.gpu_memory_gb * MEMORY_RESERVE, lambda s: self.static_time(with_saving(s))[0])
+        hw = self.cluster.hw
+        best = choose(n, combos, None, lambda s: self.memory_gb(with_saving(s)), hw.gpu_memory_gb * MEMORY_RESERVE,
+                      lambda s: self.host_gb(with_saving(s)), hw.host_memory_gb * HOST_RESERVE,
+                      lambda s: self.static_time(with_saving(s))[0])
         c.recomputed, c.keep_attention, c.mlp_tile = best.recomputed / n, best.keep_attention, best.mlp_tile
         c.offload_moments, c.offload_inputs = best.offload_moments, best.offload_inputs and best.recomputed > 0
         return c
