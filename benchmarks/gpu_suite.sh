@@ -5,7 +5,8 @@
 #   corpus: packed attention (flash varlen vs Loom's cudnn) and training steps on real corpora at 64K:
 #           the stdlib corpus with 1, 2 and 4 micro-batches, the FlexSP Wikipedia lengths
 #   long:   one 256K and one 512K document per step (memory saving auto)
-#   8b:     a random Llama-3.1-8B-shaped Hugging Face folder: import time and host memory, then a 32K step from it
+#   8b:     a random Llama-3.1-8B-shaped Hugging Face folder: import time and host memory, then a 32K step from it;
+#           then 128K and 256K steps of random weights (AdamW moments and checkpointed inputs offloaded as `auto` says)
 #   two:    (2+ GPUs) ring / ring_bidir / ulysses vs one GPU and torch context_parallel, LASP-2 vs LASP-1,
 #           the sp=2 training step at 128K with and without overlap, adaptive vs static SP on the stdlib corpus
 # WIKIPEDIA names the FlexSP lengths file (default: .gpu_data/, a carried copy of ../shared/data/).
@@ -42,7 +43,11 @@ long)
 8b)
   python3 benchmarks/load_pretrained.py --folder /tmp/hf-llama-8b --out "$OUT/load_pretrained.jsonl" 2>&1 | grep '^{'
   python3 benchmarks/train_step.py --model llama-8b --seq 32768 --warmup 1 --steps 2 --variants loom \
-    --set model.init_from=/tmp/hf-llama-8b --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{' ;;
+    --set model.init_from=/tmp/hf-llama-8b --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{'
+  for seq_warmup in 131072:1 262144:0; do  # (256K: one step, compilation included, to stay inside a device call)
+    python3 benchmarks/train_step.py --model llama-8b --seq "${seq_warmup%:*}" --warmup "${seq_warmup#*:}" --steps 1 \
+      --variants loom --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{'
+  done ;;
 two)
   python3 benchmarks/ring_attention.py --lengths 131072 524288 --native-cp --out "$OUT/ring_attention.jsonl" 2>&1 | grep '^{'
   python3 benchmarks/lasp.py --lengths 131072 524288 2097152 --chunk 256 --out "$OUT/lasp.jsonl" 2>&1 | grep '^{'
