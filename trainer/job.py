@@ -11,7 +11,6 @@ launcher finds it (this machine for an embedded cluster, a probe of a remote one
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -41,9 +40,10 @@ class Target:
 
         if not torch.cuda.is_available():
             return cls("cpu")
+        from trainer.host_adamw import host_memory_bytes
+
         props = torch.cuda.get_device_properties(0)
-        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-        return cls("cuda", props.name, props.total_memory / 2**30, host)
+        return cls("cuda", props.name, props.total_memory / 2**30, host_memory_bytes() / 2**30)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,11 @@ class Candidate:
     verdict: str = ""
 
     @property
+    def tokens_per_gpu(self) -> float:
+        """Tokens of a micro-batch each GPU of its SP group holds."""
+        return self.budget if self.mode == "adaptive" else self.budget / self.sp
+
+    @property
     def layout(self) -> str:
         sp = f" sp{self.sp} {self.sp_method}" + (" adaptive" if self.mode == "adaptive" else "") if self.sp > 1 else ""
         return f"dp{self.dp} tp{self.tp} pp{self.pp}{sp}"
@@ -169,14 +174,13 @@ class PlanSearch:
     def host_gb(self, c: Candidate) -> float:
         """Host memory per GPU that the candidate's offloads fill (pp micro-batches of its stage's
         blocks in flight hold as many inputs as one micro-batch of all blocks)."""
-        tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
-        return self.whole_cost(c).host_bytes(tokens_per_gpu, c.dp * c.sp * c.tp * c.pp) / 2**30
+        return self.whole_cost(c).host_bytes(c.tokens_per_gpu, c.dp * c.sp * c.tp * c.pp) / 2**30
 
     def memory_gb(self, c: Candidate) -> float:
         full = self.whole_cost(c)
         states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive",
                                   microbatches=self.microbatches(c)) / (c.tp * c.pp)
-        tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
+        tokens_per_gpu = c.tokens_per_gpu
         layers = full.layer_bytes_per_token() / (c.tp * c.pp) * tokens_per_gpu * c.pp  # pp micro-batches in flight
         layers += full.backward_bytes_per_token() / c.tp * tokens_per_gpu
         return (states + layers + full.logits_bytes(tokens_per_gpu) / c.tp + full.mlp_tile_bytes()) / 2**30
@@ -305,8 +309,7 @@ class PlanSearch:
         without kept attention outputs (not with a ring), SwiGLU tiles, AdamW moments and the
         recomputed blocks' inputs in host memory, the fastest of those."""
         n = self.model.n_layers
-        tokens_per_gpu = c.budget if c.mode == "adaptive" else c.budget / c.sp
-        combos = options(None, None, c.sp == 1 or c.sp_method == "ulysses", tokens_per_gpu, None, None)
+        combos = options(None, None, c.sp == 1 or c.sp_method == "ulysses", c.tokens_per_gpu, None, None)
         with_saving = lambda s: replace(c, recomputed=s.recomputed / n, keep_attention=s.keep_attention,  # noqa: E731
                                         mlp_tile=s.mlp_tile, offload_moments=s.offload_moments,
                                         offload_inputs=s.offload_inputs)
