@@ -1,6 +1,6 @@
 """Attention over packed documents on one GPU: the flash varlen op alone against Loom's `cudnn`
-backend (documents of `dense_min` tokens or more through batched cuDNN calls, the rest in one
-varlen call).
+backend (each document of `dense_min` tokens or more through a cuDNN call of its own, the rest in
+one varlen call), with cuDNN set as Loom's workers set it (`CUDNN_ENVIRONMENT`).
 
 Packings of `--tokens` tokens, made by Loom's own sampler where they come from a corpus: one
 document; 4 equal documents; a typical micro-batch (the median document count) of the FlexSP
@@ -20,7 +20,9 @@ import argparse
 import datetime
 import gzip
 import json
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from parallel.attention import LocalAttention, select_backend  # noqa: E402
 from parallel.planner.cost_model import CostModel  # noqa: E402
 from parallel.planner.hardware import named_profile  # noqa: E402
 from parallel.planner.shape import ModelShape  # noqa: E402
+from parallel.process_group import CUDNN_ENVIRONMENT  # noqa: E402
 from trainer.sampler import PackedSampler  # noqa: E402
 
 WIKIPEDIA = ROOT.parent / "shared" / "data" / "flexsp_wikipedia_lengths.txt.gz"
@@ -99,10 +102,13 @@ def main() -> None:
     p.add_argument("--wikipedia", default=str(WIKIPEDIA), help="the FlexSP Wikipedia document lengths")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--epoch-sample", type=int, default=16, help="micro-batches per corpus for the epoch average")
+    p.add_argument("--dense-min", type=int, default=0, help="the routing threshold (0: the profile's)")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    os.environ.update(CUDNN_ENVIRONMENT)
     device = torch.cuda.get_device_name()
     hw = named_profile("auto", device)
+    hw = replace(hw, dense_min_tokens=args.dense_min or hw.dense_min_tokens)
     shape = ModelShape(vocab_size=1, dim=args.heads * args.head_dim, n_layers=1, n_heads=args.heads,
                        n_kv_heads=args.kv_heads, head_dim=args.head_dim, hidden_dim=1, softmax_layers=1)
     cost = CostModel(shape, hw)
@@ -145,14 +151,14 @@ def main() -> None:
                 "loom_cudnn_tflops": round(flops / totals["loom cudnn"] / 1e12, 1),
                 "speedup_vs_flash_varlen": round(totals["flash varlen"] / totals["loom cudnn"], 3),
                 "time_ms": round(1e3 * totals["loom cudnn"], 2), "predicted_ms": round(1e3 * predicted, 2)})
-    for n in (256, 512, 1024, 2048, 4096):  # where batched cuDNN overtakes the varlen op
+    for n in (1024, 2048, 3000, 4096, 6000, 8192, 12000, 16384):  # where a cuDNN call per document overtakes varlen
         lengths = [n] * (args.tokens // n)
         times = time_paths(lengths, args, n, args.iters)
         report({"packing": f"{len(lengths)} documents of {n}", "threshold_sweep": n,
                 "flash_varlen_tflops": round(attention_flops(lengths, args.heads, args.head_dim)
                                              / times["flash varlen"] / 1e12, 1),
-                "cudnn_batched_tflops": round(attention_flops(lengths, args.heads, args.head_dim)
-                                              / times["loom cudnn"] / 1e12, 1),
+                "cudnn_per_document_tflops": round(attention_flops(lengths, args.heads, args.head_dim)
+                                                   / times["loom cudnn"] / 1e12, 1),
                 "speedup_vs_flash_varlen": round(times["flash varlen"] / times["loom cudnn"], 3)})
     report(new_shape_cost(args.heads, args.kv_heads, args.head_dim))
     if args.out:

@@ -19,7 +19,8 @@ so each optimisation's gain is visible on the same machine:
 and `--lengths FILE` on random documents with the lengths of a corpus (one integer per line, e.g.
 `../shared/data/flexsp_wikipedia_lengths.txt.gz`), instead of random documents of exactly `--seq`
 tokens; `--seq` is then the context and the micro-batch budget, and `--microbatches` the
-micro-batches per step. Next to each measurement: the cost model's time for the very documents of
+micro-batches per step. `step_s` is the mean of the timed steps (`step_times_s`), as MFU and
+tokens/s are; `step_median_s` their median. Next to each measurement: the cost model's time for the very documents of
 the timed steps (`predicted_step_s`), `loom plan`'s prediction for the layout from the corpus's
 length histogram (`planner_step_s`, `predicted_mem_gb`), and the packing's fill.
 
@@ -135,7 +136,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
             for _ in range(2):
                 timed_step(trainer)
         write_profile(profiler, Path(args.profile), args.seq)
-    step_s = statistics.median(times)
+    step_s = statistics.mean(times)  # (what MFU, tokens/s and the predictions average over)
     peak_mem = torch.tensor([peak_memory_gb(trainer.device)])
     dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
     world = dist.get_world_size()
@@ -150,7 +151,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
         "inputs_offload": job.memory_saving.offload_inputs, "loss_chunk": args.loss_chunk,
         "data": args.data or (f"random text, lengths of {Path(args.lengths).name}" if args.lengths
                               else f"random, {args.seq:,}-token documents"),
-        "step_s": round(step_s, 4), "step_times_s": [round(t, 4) for t in times], "tokens_per_s": round(tokens / sum(times)),
+        "step_s": round(step_s, 4), "step_median_s": round(statistics.median(times), 4), "step_times_s": [round(t, 4) for t in times], "tokens_per_s": round(tokens / sum(times)),
         "tokens_per_s_per_gpu": round(tokens / sum(times) / world),
         "mfu": round(flops / world / sum(times) / (peak * 1e12), 4) if peak else None,
         "peak_mem_gb": round(peak_mem.item(), 2), "loss": round(records[-1]["loss"], 4),

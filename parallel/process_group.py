@@ -28,7 +28,8 @@ ALLOCATOR = "expandable_segments:True"
 # cuDNN attention builds an execution plan for every sequence length it meets (≈ 150 ms forward +
 # backward on an H200), and a corpus's documents rarely repeat a length: a Wikipedia micro-batch with
 # five long documents took 1.7–2.1 s instead of 1.0. With this, cuDNN runs dense calls through its
-# ragged path and builds one plan per power-of-two length class (kernels measured 7–8% slower).
+# ragged path and builds one plan per power-of-two length class (kernels measured 7–8% slower);
+# `parallel.attention.backends.CudnnDense` sends lengths that are powers of two around it.
 CUDNN_ENVIRONMENT = {"TORCH_CUDNN_SDPA_AVOID_RECOMPILE": "1"}
 
 

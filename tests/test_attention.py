@@ -153,17 +153,17 @@ def test_cpu_flash_dense_batches_match_math(causal, nq, nk):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("lengths, window, groups", [
-    ([40, 33, 9, 5, 1], 0, 2),  # longest first: two dense calls, the short ones one slice
-    ([5, 40, 1, 33, 9, 12], 0, 3),  # interleaved: 40, 33 and 12 alone, the short ones gathered
-    ([3, 2, 7], 0, 0),  # nothing long: all to the packed kernel
-    ([30, 40, 30, 30], 0, 2),  # nothing short: the three of 30 (not adjacent: gathered) in one batched call
-    ([40, 9, 33], 6, 0),  # a window: the packed kernel takes it all
+@pytest.mark.parametrize("lengths, window", [
+    ([40, 33, 9, 5, 1], 0),  # longest first: two dense calls, the short ones one slice
+    ([5, 40, 1, 33, 9, 12], 0),  # interleaved: 40, 33 and 12 alone, the short ones gathered
+    ([3, 2, 7], 0),  # nothing long: all to the packed kernel
+    ([30, 40, 30, 30], 0),  # nothing short: four dense calls, equal lengths too
+    ([40, 9, 33], 6),  # a window: the packed kernel takes it all
 ])
-def test_document_router_equals_one_kernel(lengths, window, groups):
-    """Long documents through the dense kernel (those of one length in one batched call) and the
-    rest through one packed call give the per-document attention of a single kernel: values, lse and
-    q/k/v gradients (fp64, 1e-12)."""
+def test_document_router_equals_one_kernel(lengths, window):
+    """Each long document through the dense kernel in a call of its own and the rest through one
+    packed call give the per-document attention of a single kernel: values, lse and q/k/v gradients
+    (fp64, 1e-12)."""
     from parallel.attention.backends import CpuFlashBackend, MathBackend
     from parallel.attention.dispatch import DocumentRouter
 
@@ -177,8 +177,7 @@ def test_document_router_equals_one_kernel(lengths, window, groups):
     for a, b in zip(grads(out, (q, k, v)), grads(want, (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     long = [n for n in lengths if n >= 12] if not window else []
-    assert dense.calls == len(long) and dense.rows == sum(long)
-    assert dense.batches == groups
+    assert dense.calls == dense.batches == len(long) and dense.rows == sum(long)
     assert packed.calls == (1 if len(long) < len(lengths) else 0)
     _, lse = router.forward(q.detach(), k.detach(), v.detach(), mask, 0.25)
     _, want_lse = MathBackend().forward(q.detach(), k.detach(), v.detach(), mask, 0.25)
@@ -203,3 +202,17 @@ def test_document_router_takes_rectangular_blocks_without_a_causal_mask():
     for a, b in zip(grads(out, (q, k, v)), grads(want, (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert dense.calls == 2
+
+
+@pytest.mark.parametrize("shortest, longest", [(2048, 65536), (2048, 5000), (3000, 3000), (1, 70000), (4096, 4096)])
+def test_cudnn_plans_one_length_per_plan(shortest, longest):
+    """The lengths warmed for cuDNN: one in [shortest, longest] for every plan that lengths in that
+    range need (a power of two its own, the others one per power-of-two class (c/2, c)), no two alike."""
+    from parallel.attention.backends import CudnnDense
+
+    def plan(n):
+        return ("exact", n) if n & (n - 1) == 0 else ("ragged", 1 << (n - 1).bit_length())
+    lengths = CudnnDense().plan_lengths(shortest, longest)
+    assert all(shortest <= n <= longest for n in lengths)
+    assert len({plan(n) for n in lengths}) == len(lengths)
+    assert {plan(n) for n in lengths} == {plan(n) for n in range(shortest, longest + 1)}

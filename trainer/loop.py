@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from parallel.attention import select_backend
+from parallel.attention import select_backend, warm_up
 from parallel.mesh import ParallelDims
 from parallel.process_group import collective_guard
 from trainer.adaptive_work import AdaptiveWork
@@ -81,6 +81,7 @@ class Trainer:
         self.dtype = DTYPES[job.precision]
         self.backend = select_backend(job.attention_backend, self.device, job.hardware.dense_min_tokens)
         self.stages, self.parts = self.build_model()
+        self.warm_up_attention()
         self.engine = self.build_engine()
         precision = Precision(self.dtype, self.device, tensor_parallel=dims.layout.tp > 1)
         if dims.layout.pp > 1:
@@ -125,6 +126,15 @@ class Trainer:
         if cfg.model.init_from:  # each rank reads the slices it holds; a run's own checkpoint, if any, follows
             load_pretrained(parts, cfg.model.init_from, cfg.model.tie_embeddings)
         return stages, parts
+
+    def warm_up_attention(self) -> None:
+        """Builds the attention kernel's plans for every document length a micro-batch can hold, before
+        the first step, where one rank holds whole documents with all its heads' share (sp = 1)."""
+        layout, model = self.dims.layout, self.cfg.model
+        if layout.sp == 1 and not layout.adaptive and model.softmax_layers and not model.window:
+            warm_up(self.backend, min(self.cfg.data.context_len, self.cfg.data.tokens_per_microbatch),
+                    model.n_heads // layout.tp, model.n_kv_heads // layout.tp, model.head_dim, self.dtype,
+                    self.device)
 
     def build_engine(self) -> Engine:
         cfg = self.cfg

@@ -2,7 +2,7 @@
 
 `LocalAttention` is what a model calls when the sequence is not split (sp = 1); the sequence-
 parallel variants offer the same call, `attend(q, k, v) -> out`, so the model never knows which
-one it holds.
+one it holds. `warm_up` builds a backend's kernel plans before the first step.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from parallel.attention.backends import AttentionBackend
 from parallel.attention.dispatch import select_backend
 from parallel.attention.mask import BlockMask
 
-__all__ = ["AttentionBackend", "BlockMask", "LocalAttention", "block_attention", "select_backend"]
+__all__ = ["AttentionBackend", "BlockMask", "LocalAttention", "block_attention", "select_backend", "warm_up"]
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -50,3 +50,17 @@ class LocalAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return block_attention(q, k, v, self.backend, self.mask)
+
+
+def warm_up(backend: AttentionBackend, longest: int, q_heads: int, kv_heads: int, head_dim: int,
+            dtype: torch.dtype, device: torch.device) -> int:
+    """Runs one causal document forward and backward per plan the backend keeps for documents of up
+    to `longest` tokens, through autograd as training does (cuDNN keeps plans per thread, and
+    backward runs on autograd's), so that no step pays for building them. Returns how many ran."""
+    lengths = backend.plan_lengths(1, longest) if device.type == "cuda" else []
+    for n in lengths:
+        q, k, v = (torch.randn(n, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for heads in (q_heads, kv_heads, kv_heads))
+        cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+        LocalAttention(backend, cu, n, lengths=[n])(q, k, v).sum().backward()
+    return len(lengths)

@@ -12,6 +12,7 @@ from them.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 
 import torch
@@ -35,6 +36,11 @@ class AttentionBackend(ABC):
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  out: torch.Tensor, lse: torch.Tensor, mask: BlockMask,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def plan_lengths(self, shortest: int, longest: int) -> list[int]:
+        """One causal sequence length per execution plan the kernel builds and keeps for sequences of
+        `shortest` to `longest` tokens (none: it keeps no plans)."""
+        return []
 
     def forward_batched(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,24 +229,60 @@ class CudnnDense(DenseBatched):
     """cuDNN fused attention over dense sequences (≈ 1.8× the flash op on an H200), batched, with
     grouped K/V heads as they are (native GQA). Its causal mask is top-left aligned: causal
     sequences must be square (`parallel.attention.dispatch` routes only such). Nothing of one call
-    is kept for another: without dropout the backward's philox seed and offset are unused, and the
-    rank of the log-sum-exp cuDNN wants back is a constant of the torch build (`lse_rank`)."""
+    is kept for another: without dropout the backward's philox seed and offset are unused.
+
+    Plans: with cuDNN's ragged path (`parallel.process_group.CUDNN_ENVIRONMENT`), inputs laid out
+    sequence-major share one plan per power-of-two class of lengths, (c/2, c], at ≈ 8% lower speed
+    (`benchmarks/results/cudnn_new_length_h200.jsonl`). A plan keeps the strides of the call that
+    built it, so every operand of that path, the log-sum-exp included, is sequence-major: strides
+    that do not depend on the length. Sequences whose lengths are powers of two (a corpus's
+    documents cut at the context length, a ring's equal chunks) go head-major instead, which takes
+    cuDNN's exact-shape path: one plan of their own, full speed."""
 
     name = "cudnn"
-    lse_rank = 3
+    lse_ranks: dict[bool, int] = {}  # the rank of the log-sum-exp each path returns (a constant of the torch build)
+
+    def plan_lengths(self, shortest: int, longest: int) -> list[int]:
+        lengths = []
+        for c in (1 << k for k in range((shortest - 1).bit_length(), (longest - 1).bit_length() + 1)):
+            ragged = max(shortest, c // 2 + 1)
+            lengths += ([ragged] if ragged < c and ragged <= longest else []) + ([c] if shortest <= c <= longest else [])
+        return lengths
+
+    @staticmethod
+    def _exact(q: torch.Tensor, k: torch.Tensor) -> bool:
+        return _power_of_two(q.shape[1]) and _power_of_two(k.shape[1])
+
+    @staticmethod
+    def _heads_first(x: torch.Tensor, exact: bool) -> torch.Tensor:
+        """[B, L, H, D] → [B, H, L, D]: a view (ragged path) or head-major memory (exact path)."""
+        return x.transpose(1, 2).contiguous() if exact else x.transpose(1, 2)
 
     def forward_batched(self, q, k, v, causal, scale):
+        exact = self._exact(q, k)
         out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, causal, False, scale=scale)
-        CudnnDense.lse_rank = lse.dim()
+            *(self._heads_first(x, exact) for x in (q, k, v)), None, True, 0.0, causal, False, scale=scale)
+        CudnnDense.lse_ranks[exact] = lse.dim()
         return out.transpose(1, 2), lse.reshape(q.shape[0], q.shape[2], q.shape[1])
 
     def backward_batched(self, dout, q, k, v, out, lse, causal, scale):
         b, lq, hq, _ = q.shape
-        lse = lse.reshape(b, hq, lq, *([1] * (CudnnDense.lse_rank - 3))).contiguous()
+        exact = self._exact(q, k)
+        lse = lse.reshape(b, hq, lq)
+        # the ragged path's log-sum-exp is sequence-major like its inputs: a plan built at one length
+        # then reads any length of its class with the same strides
+        lse = lse.contiguous() if exact else lse.transpose(1, 2).contiguous().transpose(1, 2)
+        lse = lse[(...,) + (None,) * (CudnnDense.lse_ranks.get(exact, 3) - 3)]
         seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)  # (no dropout: unused)
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            *(x.transpose(1, 2) for x in (dout, q, k, v, out)), lse, seed, offset, None, None, None, lq,
+            *(self._heads_first(x, exact) for x in (dout, q, k, v, out)), lse, seed, offset, None, None, None, lq,
             k.shape[1], 0.0, causal, scale=scale)
         return tuple(g.transpose(1, 2) for g in grads)
 
+
+# Loom sets cuDNN's ragged path for the whole process and sends exact-shape calls around it on purpose.
+warnings.filterwarnings("ignore", message=".*TORCH_CUDNN_SDPA_AVOID_RECOMPILE")
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0

@@ -1,17 +1,19 @@
 """Which kernel runs what: the backend a name selects, and how the cuDNN backend serves packed blocks.
 
 cuDNN's fused kernel is the fastest on dense sequences; torch's flash varlen op takes any packing
-but runs at about 60% of cuDNN's speed on an H200 on long documents (and as fast below 2K tokens,
-where a batch of equal documents through cuDNN is no faster). `DocumentRouter` gets both. The
-documents of a block long enough to matter (`dense_min` queries and keys, causal ones square) go
-to the dense kernel, those of one shape together as one batched call; the rest go together to one
-varlen call. A group's rows are a slice when they lie next to each other (the sampler lists a
-micro-batch's documents longest first, so they mostly do), gathered otherwise, and results are
-written back into their rows: the result is exactly the per-document attention either kernel
-alone computes. (Padding documents to a few lengths, so that cuDNN meets known shapes, was
-measured slower in training on an H200: its gathers cost more than new shapes do.) Sequence lengths
-come from the host (`BlockMask.q_lengths`, or a one-sequence block's `max_q`); a block's routing
-is worked out once and kept with its mask, its indices copied to the device without waiting.
+but runs at about 60% of cuDNN's speed on an H200 on long documents (and faster than a cuDNN call
+per document below about 4K tokens: the profile's `dense_min_tokens`).
+`DocumentRouter` gets both. Each document of a block long enough to matter (`dense_min` queries
+and keys, causal ones square) goes to the dense kernel in a call of its own, its rows a slice of
+the block; the rest go together to one varlen call. The result is exactly the per-document
+attention either kernel alone computes. One document per call keeps cuDNN's plans few: they are
+keyed on the batch size and on the power-of-two class of the length (`parallel.process_group`
+sets cuDNN's ragged path), so a process meets at most one plan per class, which `plan_lengths`
+names and `parallel.attention.warm_up` builds before the first step. (Batching documents of one
+length, or padding documents to a few lengths, was measured slower on an H200: every new batch size
+cost a plan, and gathers cost more than new shapes do.) Sequence lengths come from the host
+(`BlockMask.q_lengths`, or a one-sequence block's `max_q`); a block's routing is worked out once and
+kept with its mask.
 """
 
 from __future__ import annotations
@@ -29,28 +31,16 @@ from parallel.planner.hardware import HardwareProfile
 
 
 @dataclass
-class DenseGroup:
-    """Documents run by one dense call: `batch` of them, each of `lq` queries and `lk` keys."""
-
-    batch: int
-    lq: int
-    lk: int
-    causal: bool
-    q_rows: Rows  # the block's query rows of these documents, in order
-    k_rows: Rows
-
-
-@dataclass
 class Route:
-    groups: list[DenseGroup]
+    documents: list[tuple[slice, slice]]  # each long document's query and key rows, one dense call each
     rest: BlockMask | None  # what the packed kernel takes, and its rows
     q_rows: Rows = None
     k_rows: Rows = None
 
 
 class DocumentRouter(AttentionBackend):
-    """Documents of a block of `dense_min` tokens or more to `dense` in batched calls, the rest to
-    `packed` in one call."""
+    """Each document of a block of `dense_min` tokens or more to `dense` in a call of its own, the
+    rest to `packed` in one call."""
 
     def __init__(self, dense: AttentionBackend, packed: AttentionBackend,
                  dense_min: int = HardwareProfile.dense_min_tokens):
@@ -78,17 +68,17 @@ class DocumentRouter(AttentionBackend):
             return None
         oq, ok = np.concatenate([[0], np.cumsum(nq)]), np.concatenate([[0], np.cumsum(nk)])
         device = mask.cu_q.device
-        docs = np.nonzero(long)[0]
-        shapes = nq[docs] * (int(nk.max()) + 1) + nk[docs]  # documents of one (queries, keys) shape batch together
-        groups = [DenseGroup(int(members.size), int(nq[members[0]]), int(nk[members[0]]), mask.causal,
-                             _rows(oq, members, device), _rows(ok, members, device))
-                  for members in (docs[shapes == s] for s in np.unique(shapes))]
+        documents = [(slice(int(oq[d]), int(oq[d + 1])), slice(int(ok[d]), int(ok[d + 1])))
+                     for d in np.nonzero(long)[0]]
         rest = np.nonzero(~long)[0]
         if not rest.size:
-            return Route(groups, None)
+            return Route(documents, None)
         sub = BlockMask(_cu(nq[rest], device), _cu(nk[rest], device), int(nq[rest].max()), int(nk[rest].max()),
                         mask.causal, q_lengths=tuple(nq[rest].tolist()), k_lengths=tuple(nk[rest].tolist()))
-        return Route(groups, sub, _rows(oq, rest, device), _rows(ok, rest, device))
+        return Route(documents, sub, _rows(oq, rest, device), _rows(ok, rest, device))
+
+    def plan_lengths(self, shortest: int, longest: int) -> list[int]:
+        return self.dense.plan_lengths(max(shortest, self.dense_min), longest)
 
     def forward(self, q, k, v, mask, scale):
         route = self.route(mask)
@@ -96,11 +86,10 @@ class DocumentRouter(AttentionBackend):
             return self.packed.forward(q, k, v, mask, scale)
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype), device=q.device)
-        for g in route.groups:
-            o, l = self.dense.forward_batched(_batch(q, g.q_rows, g.batch), _batch(k, g.k_rows, g.batch),
-                                              _batch(v, g.k_rows, g.batch), g.causal, scale)
-            _put(out, g.q_rows, o.flatten(0, 1))
-            _put(lse.transpose(0, 1), g.q_rows, l.transpose(1, 2).flatten(0, 1).to(lse.dtype))
+        for q_rows, k_rows in route.documents:
+            o, l = self.dense.forward_batched(q[None, q_rows], k[None, k_rows], v[None, k_rows], mask.causal, scale)
+            out[q_rows] = o[0]
+            lse[:, q_rows] = l[0].to(lse.dtype)
         if route.rest is not None:
             o, l = self.packed.forward(select_rows(q, route.q_rows), select_rows(k, route.k_rows),
                                        select_rows(v, route.k_rows), route.rest, scale)
@@ -114,13 +103,12 @@ class DocumentRouter(AttentionBackend):
             return self.packed.backward(dout, q, k, v, out, lse, mask, scale)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         rows_lse = lse.transpose(0, 1)  # [T, H]
-        for g in route.groups:
-            qs = [_batch(x, g.q_rows, g.batch) for x in (dout, q, out, rows_lse)]
-            gq, gk, gv = self.dense.backward_batched(qs[0], qs[1], _batch(k, g.k_rows, g.batch),
-                                                     _batch(v, g.k_rows, g.batch), qs[2],
-                                                     qs[3].transpose(1, 2).contiguous(), g.causal, scale)
-            for full, rows, grad in ((dq, g.q_rows, gq), (dk, g.k_rows, gk), (dv, g.k_rows, gv)):
-                _put(full, rows, grad.flatten(0, 1))
+        for q_rows, k_rows in route.documents:
+            grads = self.dense.backward_batched(dout[None, q_rows], q[None, q_rows], k[None, k_rows],
+                                                v[None, k_rows], out[None, q_rows],
+                                                lse[None, :, q_rows].contiguous(), mask.causal, scale)
+            for full, rows, grad in zip((dq, dk, dv), (q_rows, k_rows, k_rows), grads):
+                full[rows] = grad[0]
         if route.rest is not None:
             rest_lse = select_rows(rows_lse, route.q_rows).transpose(0, 1).contiguous()
             grads = self.packed.backward(*(select_rows(x, route.q_rows) for x in (dout, q)),
@@ -146,12 +134,6 @@ def _rows(offsets: np.ndarray, docs: np.ndarray, device: torch.device) -> Rows:
     if np.all(np.diff(docs) == 1):
         return slice(int(offsets[docs[0]]), int(offsets[docs[-1] + 1]))
     return _to_device(np.concatenate([np.arange(offsets[d], offsets[d + 1]) for d in docs]), device)
-
-
-def _batch(x: torch.Tensor, rows: Rows, batch: int) -> torch.Tensor:
-    """The rows of a group's documents as [batch, length, …]."""
-    taken = select_rows(x, rows)
-    return taken.reshape(batch, taken.shape[0] // batch, *x.shape[1:])
 
 
 def _put(x: torch.Tensor, rows: Rows, value: torch.Tensor) -> None:

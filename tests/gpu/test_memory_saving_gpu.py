@@ -39,7 +39,7 @@ def test_kept_attention_on_cuda_equals_recomputing_it(tile):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     tokens = torch.randint(0, 512, (sum(lengths),), device="cuda")
     positions = torch.cat([torch.arange(n, device="cuda") for n in lengths])
-    attend = LocalAttention(select_backend("cudnn", "cuda"), cu, max(lengths), lengths=lengths)
+    attend = LocalAttention(select_backend("cudnn", "cuda", dense_min=2048), cu, max(lengths), lengths=lengths)
     losses, calls = [], []
     for model in (plain, kept):
         with KernelCalls() as counted, torch.autocast("cuda", torch.bfloat16):
