@@ -21,10 +21,15 @@ the one that predicts one-GPU steps of real corpora within 10%) times it:
 5. `loom` — Loom's adaptive SP as the trainer runs it (`AdaptivePlanner.solve`: greedy, then the
    MILP warm-started and time-capped, against a grouping per round of micro-batches — Loom's own
    version of the dynamic CP rounds — whichever the cost model finds faster);
-6. `loom_any_size` — Loom's greedy with groups of any size, not only powers of two.
+6. `loom_any_size` — the same planner over groups of any size, not only powers of two
+   (`parallel.sp.group_sizes: any`: every size up to a node's GPUs, whole nodes beyond).
 
 `loom_greedy` and `loom_rounds` are the two plans `loom` chooses between, each alone (their solve
 times add up to Loom's planning time before the optional MILP polish).
+
+`milp_long` (with `--optimum-seconds S`, on up to `--milp-max-gpus` GPUs) is no policy either:
+the MILP given S seconds and warm-started from Loom's plan, the reference for how far Loom's
+time-capped plan is from what the solver finds with time to spare.
 
 `lower_bound` is no policy: the step if every GPU were busy all the time with the least work
 any grouping needs (communication left out) — no policy can beat it.
@@ -94,21 +99,6 @@ def draw_step(pool: np.ndarray, tokens: int, rng: np.random.Generator) -> list[i
 # ------------------------------------------------------------------ policies
 
 
-class AnySizePlanner(AdaptivePlanner):
-    """Loom's greedy over groups of any size: each sequence's smallest group is ⌈L / tokens_per_gpu⌉."""
-
-    def __init__(self, cost: CostModel, ranks: int, max_group: int, tokens_per_gpu: int):
-        super().__init__(cost, ranks, max_group, tokens_per_gpu, use_milp=False)
-        self.max_group = min(max_group, ranks)
-        powers = set(self.sizes)
-        self.sizes = sorted(powers | {s for s in range(3, self.max_group + 1) if s <= 8 or s % 8 == 0})
-
-    def min_sizes(self, lengths) -> np.ndarray:
-        n = np.asarray(lengths, dtype=np.int64)
-        need = np.maximum(1, -(-n // self.tokens_per_gpu))
-        return np.array([min(s for s in self.sizes if s >= k) for k in need], dtype=np.int64)
-
-
 def fixed_degree(context: int, tokens_per_gpu: int) -> int:
     return 1 << max(0, math.ceil(math.log2(context / tokens_per_gpu)))
 
@@ -154,9 +144,10 @@ def dynamic_cp(planner: AdaptivePlanner, lengths: list[int]) -> tuple[float, flo
     return total, busy
 
 
-def loom_planner(cost: CostModel, gpus: int, max_group: int, tokens_per_gpu: int, milp_seconds: float) -> AdaptivePlanner:
+def loom_planner(cost: CostModel, gpus: int, max_group: int, tokens_per_gpu: int, milp_seconds: float,
+                 group_sizes: str = "powers_of_two") -> AdaptivePlanner:
     """Loom's policy: the planner exactly as the trainer builds it."""
-    return trainer_planner(cost, gpus, max_group, tokens_per_gpu, milp_seconds)
+    return trainer_planner(cost, gpus, max_group, tokens_per_gpu, milp_seconds, group_sizes=group_sizes)
 
 
 def busy_seconds(planner: AdaptivePlanner, lengths: list[int], plan: Plan) -> float:
@@ -164,7 +155,7 @@ def busy_seconds(planner: AdaptivePlanner, lengths: list[int], plan: Plan) -> fl
 
 
 def run_policies(cost: CostModel, gpus: int, context: int, tokens_per_gpu: int, lengths: list[int],
-                 milp_seconds: float) -> dict[str, dict]:
+                 milp_seconds: float, optimum_seconds: float = 0.0) -> dict[str, dict]:
     """Every policy on one step: {policy: {step_s, idle, solve_s, groups}}."""
     max_group = min(gpus, max(8, 4 * fixed_degree(context, tokens_per_gpu)))
     planner = loom_planner(cost, gpus, max_group, tokens_per_gpu, milp_seconds)
@@ -203,10 +194,16 @@ def run_policies(cost: CostModel, gpus: int, context: int, tokens_per_gpu: int, 
     rounds = planner.in_rounds(lengths)
     record("loom_rounds", rounds, time.perf_counter() - t0)
     t0 = time.perf_counter()
-    record("loom", planner.solve(lengths), time.perf_counter() - t0)
-    any_size = AnySizePlanner(cost, gpus, max_group, tokens_per_gpu)
+    loom = planner.solve(lengths)
+    record("loom", loom, time.perf_counter() - t0)
+    if optimum_seconds > 0:
+        t0 = time.perf_counter()
+        long = loom_planner(cost, gpus, max_group, tokens_per_gpu, optimum_seconds).milp(lengths, loom)
+        if long is not None:
+            record("milp_long", min(long, loom, key=lambda plan: plan.predicted_s), time.perf_counter() - t0)
+    any_size = loom_planner(cost, gpus, max_group, tokens_per_gpu, milp_seconds, group_sizes="any")
     t0 = time.perf_counter()
-    record("loom_any_size", any_size.greedy(lengths), time.perf_counter() - t0)
+    record("loom_any_size", any_size.solve(lengths), time.perf_counter() - t0)
     out["lower_bound"] = {"step_s": planner.lower_bound(lengths) + fixed_s, "idle": 0.0, "solve_s": 0.0,
                           "groups": "no plan: the least work spread over every GPU"}
     return out
@@ -224,6 +221,8 @@ def main() -> None:
     p.add_argument("--microbatches", type=int, default=4, help="a step's tokens per GPU, in micro-batches")
     p.add_argument("--milp-seconds", type=float, default=1.0, help="the MILP's time cap (flexsp and loom)")
     p.add_argument("--milp-max-gpus", type=int, default=256, help="above this, no MILP (its model is too large)")
+    p.add_argument("--optimum-seconds", type=float, default=0.0,
+                   help="also the MILP with this time cap, warm-started from Loom's plan (milp_long)")
     p.add_argument("--profile", default="H200")
     p.add_argument("--method", default="ring")
     p.add_argument("--stdlib", default=str(ROOT / "data" / "stdlib"))
@@ -249,7 +248,8 @@ def main() -> None:
                 steps = []
                 for _ in range(args.steps):
                     step = draw_step(pool, args.microbatches * gpus * args.tokens_per_gpu, rng)
-                    steps.append((len(step), run_policies(cost, gpus, context, args.tokens_per_gpu, step, milp)))
+                    steps.append((len(step), run_policies(cost, gpus, context, args.tokens_per_gpu, step, milp,
+                                                          args.optimum_seconds if milp else 0.0)))
                 line = summarize(name, context, gpus, steps, args, cost)
                 lines.append(line)
                 print(json.dumps(line), flush=True)

@@ -9,6 +9,7 @@ SPMethod = Literal["ring", "ring_bidir", "ulysses", "hybrid", "allgather"]  # so
 LinearSPMethod = Literal["lasp2", "lasp1"]  # linear-attention layers
 SPMode = Literal["static", "adaptive"]
 Regroup = Literal["auto", "step", "rounds"]  # adaptive SP: one grouping per step, one per round, the faster
+GroupSizes = Literal["powers_of_two", "any"]  # adaptive SP: any = every size up to a node, whole nodes beyond
 PipelineSchedule = Literal["1f1b", "interleaved_1f1b"]
 AttentionBackendName = Literal["math", "cpu_flash", "flash", "cudnn"]
 FeatureMap = Literal["identity", "elu", "relu", "silu"]  # φ of linear attention (elu: elu + 1)

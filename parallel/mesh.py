@@ -27,16 +27,7 @@ class ParallelDims:
         self.fsdp_mesh = self.mesh["dp", "ring", "ulysses"]._flatten("dp_sp")
         self.checkpoint_group = dist.new_group(backend="gloo")
         self.control_group = dist.new_group(backend="gloo")
-        self.slice_groups: dict[tuple[int, int], dist.ProcessGroup] = {}  # (start, size) → group, adaptive mode
-        if layout.adaptive:  # every aligned power-of-two slice of the ranks, created once
-            pool = self.pool()
-            size = 2
-            while size <= layout.sp:
-                for start in range(0, len(pool), size):
-                    group = dist.new_group(pool[start: start + size])
-                    if dist.get_rank() in pool[start: start + size]:
-                        self.slice_groups[start, size] = group
-                size *= 2
+        self.slice_groups: dict[tuple[int, int], dist.ProcessGroup | None] = {}  # adaptive: (start, size) → group
         self.ring_reverse_group = None
         if layout.ring > 1:  # a second communicator per ring, so the two directions never queue behind each other
             ranks = self.mesh.mesh.movedim(2, -1).reshape(-1, layout.ring)
@@ -76,6 +67,15 @@ class ParallelDims:
         return SPGroups(layout.ring, layout.ulysses, self.coordinate("ring"), self.coordinate("ulysses"),
                         self.group("ring"), self.ring_reverse_group, self.group("ulysses"),
                         bidirectional=layout.sp_method == "ring_bidir")
+
+    def add_slices(self, slices: list[tuple[int, int]]) -> None:
+        """Creates the process groups of the pool's slices (start, size) not made yet, each once, on
+        every rank in one order (collective: every rank passes the same list, as in a broadcast plan)."""
+        pool, me = self.pool(), dist.get_rank()
+        for start, size in slices:
+            if (start, size) not in self.slice_groups:
+                group = dist.new_group(pool[start: start + size])
+                self.slice_groups[start, size] = group if me in pool[start: start + size] else None
 
     def slice_sp_groups(self, start: int, size: int) -> SPGroups:
         """SP groups of an adaptive group: the pool's ranks start … start + size − 1."""

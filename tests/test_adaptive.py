@@ -41,9 +41,10 @@ def brute_force(p: AdaptivePlanner, lengths: list[int]) -> float:
     return best
 
 
-def planner(ranks=4, tokens_per_gpu=16384, milp=True, hw="H200", method="ring", regroup="step") -> AdaptivePlanner:
+def planner(ranks=4, tokens_per_gpu=16384, milp=True, hw="H200", method="ring", regroup="step",
+            group_sizes="powers_of_two") -> AdaptivePlanner:
     return AdaptivePlanner(CostModel(LLAMA_8B, PRESETS[hw], method=method), ranks, ranks, tokens_per_gpu,
-                           time_limit_s=5.0, use_milp=milp, regroup=regroup)
+                           time_limit_s=5.0, use_milp=milp, regroup=regroup, group_sizes=group_sizes)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -57,6 +58,19 @@ def test_solver_equals_brute_force(seed):
     plan = p.solve(lengths)
     assert plan.predicted_s == pytest.approx(best, rel=1e-9), (lengths, plan.describe(), plan.solver)
     assert plan.lower_bound_s <= best * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_solver_with_groups_of_any_size_equals_brute_force(seed):
+    """3 ranks, group_sizes=any (1, 2 and 3): sequences that need more than 2 ranks take a group of 3."""
+    rng = np.random.default_rng(100 + seed)
+    lengths = np.clip(rng.lognormal(np.log(9000), 1.0, rng.integers(2, 6)), 64, 3 * 8192).astype(int).tolist()
+    p = planner(ranks=3, tokens_per_gpu=8192, group_sizes="any")
+    assert p.sizes == [1, 2, 3]
+    best = brute_force(p, lengths)
+    plan = p.solve(lengths)
+    assert plan.predicted_s == pytest.approx(best, rel=1e-9), (lengths, plan.describe(), plan.solver)
+    assert all(g.size == 3 for g in plan.groups for mb in g.microbatches if max(lengths[i] for i in mb) > 2 * 8192)
 
 
 @pytest.mark.parametrize("regroup", ["step", "rounds", "rounds-linear", "auto"])
@@ -140,7 +154,7 @@ def test_context_longer_than_the_largest_group_is_rejected_before_start(small_da
         in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("regroup", ["step", "rounds"])
+@pytest.mark.parametrize("regroup", [pytest.param("step", marks=pytest.mark.slow), "rounds"])  # (rounds regroups too)
 def test_ten_adaptive_steps_equal_static_sp(uneven_dataset, tmp_path, regroup):
     """4 ranks, documents of uneven length; tokens_per_gpu=128 makes those above 128 tokens need
     groups of 2. One grouping per step, or one per round of micro-batches (a rank then runs
@@ -167,6 +181,28 @@ def test_ten_adaptive_steps_equal_static_sp(uneven_dataset, tmp_path, regroup):
     assert any(" | " in g for g in groups) == (regroup == "rounds"), groups  # regrouped within steps
     assert sum(r["tokens"] for r in records) == sum(
         json.loads(line)["tokens"] for line in (tmp_path / "static" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_groups_of_any_size_train_like_static_sp(uneven_dataset, tmp_path):
+    """3 ranks, parallel.sp.group_sizes=any, tokens_per_gpu=96: documents of more than 192 tokens need
+    all three ranks, a ring of 3 (no power of two); shorter ones groups of 2 or 1. Losses (rtol 1e-6)
+    and parameters (atol 2e-5) after 6 AdamW steps equal static SP over the 3 ranks (fp32)."""
+    profile = tmp_path / "slow_links.json"
+    HardwareProfile(name="test", intra_node_gbps=0.01, microbatch_overhead_s=1e-4).save(profile)
+    ov = tiny_overrides(uneven_dataset, tmp_path) + ["train.max_steps=6", "checkpoint.every=100",
+                                                    "train.global_microbatches=2", "parallel.sp.degree=3",
+                                                    f"cluster.profile={profile}"]
+    (static, p_static), *_ = run_ranks(train_rank, 3, ov + ["name=static"])
+    (adaptive, p_adaptive), *_ = run_ranks(train_rank, 3, ov + ["name=adaptive", "parallel.sp.mode=adaptive",
+                                                                "parallel.sp.group_sizes=any",
+                                                                "parallel.sp.tokens_per_gpu=96",
+                                                                "parallel.sp.solver_time_s=0.5"])
+    torch.testing.assert_close(torch.tensor(adaptive["losses"]), torch.tensor(static["losses"]), rtol=1e-6, atol=0)
+    for name in p_static:
+        torch.testing.assert_close(p_adaptive[name], p_static[name], atol=2e-5, rtol=0, msg=name)
+    groups = {json.loads(line)["sp_groups"] for line in (tmp_path / "adaptive" / "metrics.jsonl").read_text().splitlines()}
+    sizes = {int(part.split("×")[1]) for g in groups for grouping in g.split(" | ") for part in grouping.split("+")}
+    assert 3 in sizes and len(sizes) >= 2, groups
 
 
 def record_rank(rank: int, world: int, overrides: list[str]):

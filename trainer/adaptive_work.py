@@ -70,7 +70,7 @@ class AdaptiveWork:
         self.pool_rank = pool.index(dist.get_rank())
         solver_time_s = cfg.parallel.sp.solver_time_s
         self.planner = trainer_planner(cost, len(pool), dims.layout.sp, tokens_per_gpu, solver_time_s,
-                                       cfg.parallel.sp.regroup)
+                                       cfg.parallel.sp.regroup, cfg.parallel.sp.group_sizes)
         self._pending: cf.Future | None = None
         self._solver: cf.ProcessPoolExecutor | None = None
         if dist.get_rank() == 0 and solver_time_s > 0:
@@ -98,6 +98,7 @@ class AdaptiveWork:
         info = {"sp_groups": plan.describe(), "predicted_s": predicted, "solve_s": plan.solve_s,
                 "plan_gap": plan.gap, "solver": plan.solver}
         labels = float(sum(b.num_labels() for b in batches))
+        self.dims.add_slices(sorted({(g.start, g.size) for g in plan.groups if g.size > 1}))
         mine = [g for g in plan.groups_of(self.pool_rank) if g.microbatches]
         refs, _ = step_sequences(step)
         items, flops = [], 0.0

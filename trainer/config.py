@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
-from parallel.choices import (AttentionBackendName, FeatureMap, LinearSPMethod, PipelineSchedule, Regroup, SPMethod,
-                              SPMode, options)
+from parallel.choices import (AttentionBackendName, FeatureMap, GroupSizes, LinearSPMethod, PipelineSchedule, Regroup,
+                              SPMethod, SPMode, options)
 from parallel.planner.shape import ModelShape
 from trainer.hf_config import ROPE_SCALING_KEYS, SHAPE_KEYS, UnsupportedModel, model_section, read_config
 
@@ -159,6 +159,7 @@ class SequenceParallelConfig:
     tokens_per_gpu: int = 0  # adaptive: activation budget per rank; 0 = from the cost model's memory estimate
     solver_time_s: float = 1.0  # adaptive: time cap of the MILP that polishes the greedy plan; 0 = greedy only
     regroup: Regroup = "auto"  # adaptive: one grouping per step, a new one per round of micro-batches, or the faster
+    group_sizes: GroupSizes = "powers_of_two"  # adaptive: any = every size up to a node's GPUs, whole nodes beyond (ring)
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """Heterogeneity-adaptive sequence parallelism's solver: per step, split the ranks into SP groups of
 different sizes and give every sequence to one group, minimising the slowest group's time.
 
-Groups are aligned power-of-two slices of the N ranks (sizes 1, 2, 4 … max_group), so any
-multiset of sizes with Σ size ≤ N tiles the ranks (largest first). A group runs its sequences
-in micro-batches of at most size × tokens_per_gpu tokens (the memory limit); a sequence longer
-than max_group × tokens_per_gpu fits nowhere and is an error naming its length.
+Groups are slices of the N ranks, placed largest first: of power-of-two sizes (1, 2, 4 …
+max_group), which then lie aligned, or with `group_sizes="any"` of every size up to a node's GPUs
+and whole nodes beyond. A group runs its sequences in micro-batches of at most size ×
+tokens_per_gpu tokens (the memory limit); a sequence longer than max_group × tokens_per_gpu fits
+nowhere and is an error naming its length.
 
 A plan keeps one grouping for the whole step, or regroups the ranks for each round of
 micro-batches (`regroup`): Megatron's dynamic context parallelism does the latter, and it wins
@@ -113,12 +114,21 @@ class StepCosts:
         return self._bound[size]
 
 
+def allowed_sizes(largest: int, kind: str, gpus_per_node: int) -> list[int]:
+    """The SP group sizes a plan may use, up to `largest`: powers of two, or ("any") every size up to
+    a node's GPUs and whole nodes beyond (a group never takes part of a second node)."""
+    if kind == "any":
+        return [s for s in range(1, largest + 1) if s <= gpus_per_node or s % gpus_per_node == 0]
+    return [1 << i for i in range(int(math.log2(largest)) + 1)]
+
+
 class AdaptivePlanner:
     def __init__(self, cost: CostModel, ranks: int, max_group: int, tokens_per_gpu: int,
-                 buckets: int = 16, time_limit_s: float = 1.0, use_milp: bool = True, regroup: str = "auto"):
+                 buckets: int = 16, time_limit_s: float = 1.0, use_milp: bool = True, regroup: str = "auto",
+                 group_sizes: str = "powers_of_two"):
         self.cost, self.ranks, self.tokens_per_gpu = cost, ranks, tokens_per_gpu
-        self.max_group = 1 << int(math.log2(min(max_group, ranks)))
-        self.sizes = [1 << i for i in range(int(math.log2(self.max_group)) + 1)]
+        self.sizes = allowed_sizes(min(max_group, ranks), group_sizes, cost.hw.gpus_per_node)
+        self.max_group = self.sizes[-1]
         self.buckets, self.time_limit_s, self.use_milp = buckets, time_limit_s, use_milp
         self.regroup = regroup  # step: one grouping per step; rounds: one per round; auto: the faster
         self._step: StepCosts | None = None
@@ -137,14 +147,14 @@ class AdaptivePlanner:
     def min_sizes(self, lengths) -> np.ndarray:
         """The smallest group size whose memory holds each sequence."""
         n = np.asarray(lengths, dtype=np.int64)
-        need = np.ceil(np.maximum(1, -(-n // self.tokens_per_gpu))).astype(np.int64)
-        sizes = 1 << np.ceil(np.log2(need)).astype(np.int64)
-        if sizes.size and sizes.max() > self.max_group:
-            length = int(n[np.argmax(sizes)])
+        need = np.maximum(1, -(-n // self.tokens_per_gpu))
+        which = np.searchsorted(self.sizes, need)
+        if which.size and which.max() >= len(self.sizes):
+            length = int(n[np.argmax(which)])
             raise SequenceTooLong(
                 f"a sequence of {length:,} tokens fits no SP group: the largest ({self.max_group} ranks × "
                 f"{self.tokens_per_gpu:,} tokens per rank) holds {self.max_group * self.tokens_per_gpu:,}")
-        return sizes
+        return np.asarray(self.sizes, dtype=np.int64)[which]
 
     def share_times(self, lengths, size: int, with_comm: bool = True) -> np.ndarray:
         """Each sequence's share of a micro-batch on `size` ranks: its own work plus its fraction
@@ -476,11 +486,12 @@ class AdaptivePlanner:
 
 
 def trainer_planner(cost: CostModel, ranks: int, max_group: int, tokens_per_gpu: int,
-                    solver_time_s: float, regroup: str = "auto") -> AdaptivePlanner:
+                    solver_time_s: float, regroup: str = "auto",
+                    group_sizes: str = "powers_of_two") -> AdaptivePlanner:
     """The planner as the trainer runs it: greedy, then the MILP polish within `solver_time_s` (0:
-    greedy only), against a grouping per round where `regroup` allows it."""
+    greedy only), against a grouping per round where `regroup` allows it, over groups of `group_sizes`."""
     return AdaptivePlanner(cost, ranks, max_group, tokens_per_gpu, time_limit_s=solver_time_s,
-                           use_milp=solver_time_s > 0, regroup=regroup)
+                           use_milp=solver_time_s > 0, regroup=regroup, group_sizes=group_sizes)
 
 
 def quiet_highs():
