@@ -230,6 +230,7 @@ def test_two_runs_on_one_folder(dataset, tmp_path):
     assert steps == list(range(1, 41)) and not lease.exists()
 
 
+@pytest.mark.slow  # (make test keeps the fallback to an intact one: test_fault_tolerance)
 def test_every_checkpoint_damaged_stops_with_one_line(dataset, trained, tmp_path):
     """Raised inside the worker, reported by the driver as one plain line; nothing is overwritten."""
     run = tmp_path / "runs" / "base"
@@ -254,6 +255,7 @@ def test_every_checkpoint_damaged_stops_with_one_line(dataset, trained, tmp_path
     assert list(run.glob("metrics.before-*.jsonl"))
 
 
+@pytest.mark.slow  # (make test keeps the in-process stop: test_a_nonfinite_step_with_nonfinite_stop_keeps_the_checkpoints)
 def test_a_nonfinite_loss_stops_with_one_line_and_no_nonfinite_checkpoint(dataset, tmp_path):
     """optim.lr=1e30: the first update makes the weights huge, the next loss is not finite."""
     ov = tiny_overrides(dataset, tmp_path, name="nan") + ["train.max_steps=20", "checkpoint.every=1",
@@ -360,6 +362,7 @@ def test_a_dead_worker_without_restarts_says_which_rank_and_how_to_resume(datase
     assert "running the same command again resumes from step " in line and "cluster.max_failures" in line
 
 
+@pytest.mark.slow  # (make test keeps Ctrl-C: test_launch)
 def test_a_killed_driver_leaves_no_ray_process_and_no_lease_in_the_way(dataset, tmp_path):
     ov = tiny_overrides(dataset, tmp_path, name="orphans") + ["train.max_steps=100000", "checkpoint.every=3"]
     proc = subprocess.Popen(LOOM + ["train", DEMO, *ov], cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -56,10 +56,10 @@ def test_moments_beyond_host_memory_are_refused():
 
 
 def test_offloaded_training_equals_gpu_moments_and_resumes_either_way(small_dataset, tmp_path):
-    """2 gloo ranks, FSDP-sharded moments: 8 steps with optim.offload=true give the losses and
-    weights of optim.offload=false exactly; its step-4 checkpoint resumes with offload off (and
+    """2 gloo ranks, FSDP-sharded moments: 4 steps with optim.offload=true give the losses and
+    weights of optim.offload=false exactly; its step-2 checkpoint resumes with offload off (and
     the reverse) onto the same trajectory, bit for bit."""
-    ov = tiny_overrides(small_dataset, tmp_path) + ["train.max_steps=8", "checkpoint.every=4"]
+    ov = tiny_overrides(small_dataset, tmp_path) + ["train.max_steps=4", "checkpoint.every=2"]
     assert job_for(ov + ["optim.offload=true"], 2).memory_saving.offload_moments
     assert not job_for(ov + ["optim.offload=auto"], 2).memory_saving.offload_moments  # (it fits without)
     (plain, p_plain), _ = run_ranks(train_rank, 2, ov + ["name=plain", "optim.offload=false"])
@@ -69,10 +69,10 @@ def test_offloaded_training_equals_gpu_moments_and_resumes_either_way(small_data
         assert torch.equal(p_host[name], p_plain[name]), name
     for first, then in (("true", "false"), ("false", "true")):
         name = f"switch-{first}"
-        run_ranks(train_rank, 2, ov + [f"name={name}", f"optim.offload={first}", "train.run_steps=4"])
+        run_ranks(train_rank, 2, ov + [f"name={name}", f"optim.offload={first}", "train.run_steps=2"])
         (resumed, p_resumed), _ = run_ranks(train_rank, 2, ov + [f"name={name}", f"optim.offload={then}"])
-        assert resumed["start_step"] == 4
-        assert resumed["losses"] == plain["losses"][4:]
+        assert resumed["start_step"] == 2
+        assert resumed["losses"] == plain["losses"][2:]
         for key in p_plain:
             assert torch.equal(p_resumed[key], p_plain[key]), key
 

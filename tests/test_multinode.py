@@ -75,6 +75,7 @@ def test_address_must_be_the_dashboard(small_dataset, tmp_path):
     assert done.stderr.startswith("loom: error: --address ray://127.0.0.1:10001: give the cluster's dashboard")
 
 
+@pytest.mark.slow
 def test_embedded_mode_starts_its_own_cluster_beside_a_running_one(two_node_cluster, small_dataset, tmp_path):
     """With `ray start` clusters on this machine, an empty cluster.address still means a private one."""
     done = loom("train", "configs/train/demo.yaml", *tiny_overrides(small_dataset, tmp_path, name="beside"),

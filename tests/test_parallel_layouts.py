@@ -30,7 +30,7 @@ LAYOUTS = {
 
 
 def base(dataset, run_dir) -> list[str]:
-    return tiny_overrides(dataset, run_dir) + ["train.max_steps=5", "checkpoint.every=100", "model.n_layers=4",
+    return tiny_overrides(dataset, run_dir) + ["train.max_steps=3", "checkpoint.every=100", "model.n_layers=4",
                                                "train.global_microbatches=4"]
 
 

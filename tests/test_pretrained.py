@@ -306,7 +306,7 @@ def import_rank(rank: int, world: int, overrides: list[str], folder: str):
 ONE_PROCESS: dict[str, list[float]] = {}
 
 
-@pytest.mark.parametrize("layout, kind", [("dp2", "qwen3-head-dim"),
+@pytest.mark.parametrize("layout, kind", [pytest.param("dp2", "qwen3-head-dim", marks=pytest.mark.slow),
                                           pytest.param("tp2", "qwen3-head-dim", marks=pytest.mark.slow),
                                           ("tp2", "qwen2-bias-linear"), ("sp2", "qwen3-head-dim"),
                                           pytest.param("pp2", "qwen3-head-dim", marks=pytest.mark.slow),
