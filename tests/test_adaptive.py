@@ -154,55 +154,54 @@ def test_context_longer_than_the_largest_group_is_rejected_before_start(small_da
         in capsys.readouterr().err
 
 
+def train_adaptive_like_static(dataset, tmp_path, world: int, steps: int, adaptive: list[str]) -> list[dict]:
+    """Trains `steps` steps with static SP over `world` ranks and with adaptive SP (`adaptive`
+    overrides), asserts that losses (rtol 1e-6) and parameters (atol 2e-5) agree (fp32; only
+    summation orders differ), and returns the adaptive run's metrics records. Communication is
+    made dear and micro-batches cheap, so that short pieces run in small groups."""
+    profile = tmp_path / "slow_links.json"
+    HardwareProfile(name="test", intra_node_gbps=0.01, microbatch_overhead_s=1e-4).save(profile)
+    ov = tiny_overrides(dataset, tmp_path) + [f"train.max_steps={steps}", "checkpoint.every=100",
+                                             "train.global_microbatches=2", f"parallel.sp.degree={world}",
+                                             f"cluster.profile={profile}"]
+    (static, p_static), *_ = run_ranks(train_rank, world, ov + ["name=static"])
+    (result, p_adaptive), *_ = run_ranks(train_rank, world, ov + ["name=adaptive", "parallel.sp.mode=adaptive",
+                                                                  "parallel.sp.solver_time_s=0.5", *adaptive])
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(static["losses"]), rtol=1e-6, atol=0)
+    for name in p_static:
+        torch.testing.assert_close(p_adaptive[name], p_static[name], atol=2e-5, rtol=0, msg=name)
+    records = [json.loads(line) for line in (tmp_path / "adaptive" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["tokens"] for r in records) == sum(
+        json.loads(line)["tokens"] for line in (tmp_path / "static" / "metrics.jsonl").read_text().splitlines())
+    return records
+
+
+def group_sizes(groups: set[str]) -> set[int]:
+    """The sizes in plans described as 1×4+2×2 (one grouping) or 1×4 | 4×1 (one per round)."""
+    return {int(part.split("×")[1]) for g in groups for grouping in g.split(" | ") for part in grouping.split("+")}
+
+
 @pytest.mark.parametrize("regroup", [pytest.param("step", marks=pytest.mark.slow), "rounds"])  # (rounds regroups too)
 def test_ten_adaptive_steps_equal_static_sp(uneven_dataset, tmp_path, regroup):
     """4 ranks, documents of uneven length; tokens_per_gpu=128 makes those above 128 tokens need
     groups of 2. One grouping per step, or one per round of micro-batches (a rank then runs
-    groups of several sizes in one step). Tolerance: losses rtol 1e-6, parameters atol 2e-5 after
-    10 AdamW steps (fp32; only summation orders differ)."""
-    profile = tmp_path / "slow_links.json"  # communication dear, micro-batches cheap: short pieces go solo
-    HardwareProfile(name="test", intra_node_gbps=0.01, microbatch_overhead_s=1e-4).save(profile)
-    ov = tiny_overrides(uneven_dataset, tmp_path) + ["train.max_steps=10", "checkpoint.every=100",
-                                                    "train.global_microbatches=2", "parallel.sp.degree=4",
-                                                    f"cluster.profile={profile}"]
-    (static, p_static), *_ = run_ranks(train_rank, 4, ov + ["name=static"])
-    (adaptive, p_adaptive), *_ = run_ranks(train_rank, 4, ov + ["name=adaptive", "parallel.sp.mode=adaptive",
-                                                                "parallel.sp.tokens_per_gpu=128",
-                                                                "parallel.sp.solver_time_s=0.5",
-                                                                f"parallel.sp.regroup={regroup}"])
-    torch.testing.assert_close(torch.tensor(adaptive["losses"]), torch.tensor(static["losses"]), rtol=1e-6, atol=0)
-    for name in p_static:
-        torch.testing.assert_close(p_adaptive[name], p_static[name], atol=2e-5, rtol=0, msg=name)
-    records = [json.loads(line) for line in (tmp_path / "adaptive" / "metrics.jsonl").read_text().splitlines()]
+    groups of several sizes in one step); 10 AdamW steps equal static SP."""
+    records = train_adaptive_like_static(uneven_dataset, tmp_path, 4, 10, ["parallel.sp.tokens_per_gpu=128",
+                                                                          f"parallel.sp.regroup={regroup}"])
     groups = {r["sp_groups"] for r in records}
     assert all("predicted_s" in r and "solve_s" in r for r in records)
-    sizes = {int(part.split("×")[1]) for g in groups for grouping in g.split(" | ") for part in grouping.split("+")}
-    assert len(sizes) >= 2, groups  # the steps really used groups of different sizes
+    assert len(group_sizes(groups)) >= 2, groups  # the steps really used groups of different sizes
     assert any(" | " in g for g in groups) == (regroup == "rounds"), groups  # regrouped within steps
-    assert sum(r["tokens"] for r in records) == sum(
-        json.loads(line)["tokens"] for line in (tmp_path / "static" / "metrics.jsonl").read_text().splitlines())
 
 
 def test_groups_of_any_size_train_like_static_sp(uneven_dataset, tmp_path):
     """3 ranks, parallel.sp.group_sizes=any, tokens_per_gpu=96: documents of more than 192 tokens need
-    all three ranks, a ring of 3 (no power of two); shorter ones groups of 2 or 1. Losses (rtol 1e-6)
-    and parameters (atol 2e-5) after 6 AdamW steps equal static SP over the 3 ranks (fp32)."""
-    profile = tmp_path / "slow_links.json"
-    HardwareProfile(name="test", intra_node_gbps=0.01, microbatch_overhead_s=1e-4).save(profile)
-    ov = tiny_overrides(uneven_dataset, tmp_path) + ["train.max_steps=6", "checkpoint.every=100",
-                                                    "train.global_microbatches=2", "parallel.sp.degree=3",
-                                                    f"cluster.profile={profile}"]
-    (static, p_static), *_ = run_ranks(train_rank, 3, ov + ["name=static"])
-    (adaptive, p_adaptive), *_ = run_ranks(train_rank, 3, ov + ["name=adaptive", "parallel.sp.mode=adaptive",
-                                                                "parallel.sp.group_sizes=any",
-                                                                "parallel.sp.tokens_per_gpu=96",
-                                                                "parallel.sp.solver_time_s=0.5"])
-    torch.testing.assert_close(torch.tensor(adaptive["losses"]), torch.tensor(static["losses"]), rtol=1e-6, atol=0)
-    for name in p_static:
-        torch.testing.assert_close(p_adaptive[name], p_static[name], atol=2e-5, rtol=0, msg=name)
-    groups = {json.loads(line)["sp_groups"] for line in (tmp_path / "adaptive" / "metrics.jsonl").read_text().splitlines()}
-    sizes = {int(part.split("×")[1]) for g in groups for grouping in g.split(" | ") for part in grouping.split("+")}
-    assert 3 in sizes and len(sizes) >= 2, groups
+    all three ranks, a ring of 3 (no power of two); shorter ones groups of 2 or 1. 6 AdamW steps
+    equal static SP over the 3 ranks."""
+    records = train_adaptive_like_static(uneven_dataset, tmp_path, 3, 6, ["parallel.sp.group_sizes=any",
+                                                                         "parallel.sp.tokens_per_gpu=96"])
+    sizes = group_sizes({r["sp_groups"] for r in records})
+    assert 3 in sizes and len(sizes) >= 2, sizes
 
 
 def record_rank(rank: int, world: int, overrides: list[str]):
