@@ -292,12 +292,13 @@ class AdaptivePlanner:
         order = np.argsort(-n, kind="stable").tolist()
         rounds = float(n.sum()) / (self.ranks * self.tokens_per_gpu)
         first_fit = len(order) * max(1.0, rounds) <= FIRST_FIT_WORK
+        lengths_list, need_list = n.tolist(), need.tolist()  # (Python ints: the first-fit loop is scalar)
         waiting = (order, []) if first_fit else ([i for i in order if need[i] > 1], [i for i in order if need[i] == 1])
         groups: list[Group] = []
         total, round_ = 0.0, 0
         while waiting[0] or waiting[1]:
             if first_fit:
-                opened, rest = self._first_fit_round(waiting[0], n, need)
+                opened, rest = self._first_fit_round(waiting[0], lengths_list, need_list)
                 waiting = (rest, [])
             else:
                 opened, waiting = self._fast_round(*waiting, n, need)
@@ -309,32 +310,32 @@ class AdaptivePlanner:
             round_ += 1
         return Plan(groups, total, self.lower_bound(lengths), solver="rounds")
 
-    def _first_fit_round(self, waiting: list[int], n: np.ndarray, need: np.ndarray) -> tuple[list, list[int]]:
+    def _first_fit_round(self, waiting: list[int], n: list[int], need: list[int]) -> tuple[list, list[int]]:
         """Each sequence into the first group of the round that is big enough and has room, else a
         new group of its smallest size while ranks are free (Megatron's dynamic CP rule)."""
-        size = np.zeros(self.ranks, dtype=np.int64)
-        room = np.zeros(self.ranks, dtype=np.int64)
+        size: list[int] = []
+        room: list[int] = []
         members: list[list[int]] = []
         free, rest = self.ranks, []
         shortest = n[waiting[-1]]
         for k, i in enumerate(waiting):
-            count = len(members)
-            hit = np.flatnonzero((size[:count] >= need[i]) & (room[:count] >= n[i]))
-            if hit.size:
-                g = int(hit[0])
-            elif need[i] <= free:
-                g, size[count], room[count] = count, need[i], need[i] * self.tokens_per_gpu
+            length, wanted = n[i], need[i]
+            g = next((g for g in range(len(size)) if size[g] >= wanted and room[g] >= length), -1)
+            if g < 0 and wanted <= free:
+                g = len(size)
+                size.append(wanted)
+                room.append(wanted * self.tokens_per_gpu)
                 members.append([])
-                free -= int(need[i])
-            else:
+                free -= wanted
+            elif g < 0:
                 rest.append(i)
-                if not free and room[:count].max(initial=0) < shortest:  # the round is full
+                if not free and max(room, default=0) < shortest:  # the round is full
                     rest += waiting[k + 1:]
                     break
                 continue
-            room[g] -= n[i]
+            room[g] -= length
             members[g].append(i)
-        return [[int(size[g]), int(room[g]), m] for g, m in enumerate(members)], rest
+        return [[size[g], room[g], m] for g, m in enumerate(members)], rest
 
     def _fast_round(self, long: list[int], short: list[int], n: np.ndarray,
                     need: np.ndarray) -> tuple[list, tuple[list[int], list[int]]]:
