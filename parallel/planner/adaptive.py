@@ -316,25 +316,29 @@ class AdaptivePlanner:
         size: list[int] = []
         room: list[int] = []
         members: list[list[int]] = []
-        free, rest = self.ranks, []
         shortest = n[waiting[-1]]
+        roomy: list[int] = []  # the groups, in opening order, with room for the shortest sequence
+        free, rest = self.ranks, []
         for k, i in enumerate(waiting):
             length, wanted = n[i], need[i]
-            g = next((g for g in range(len(size)) if size[g] >= wanted and room[g] >= length), -1)
+            g = next((g for g in roomy if size[g] >= wanted and room[g] >= length), -1)
             if g < 0 and wanted <= free:
                 g = len(size)
                 size.append(wanted)
                 room.append(wanted * self.tokens_per_gpu)
                 members.append([])
+                roomy.append(g)
                 free -= wanted
             elif g < 0:
                 rest.append(i)
-                if not free and max(room, default=0) < shortest:  # the round is full
+                if not free and not roomy:  # the round is full
                     rest += waiting[k + 1:]
                     break
                 continue
             room[g] -= length
             members[g].append(i)
+            if room[g] < shortest:
+                roomy.remove(g)
         return [[size[g], room[g], m] for g, m in enumerate(members)], rest
 
     def _fast_round(self, long: list[int], short: list[int], n: np.ndarray,
