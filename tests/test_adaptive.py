@@ -73,12 +73,13 @@ def test_solver_with_groups_of_any_size_equals_brute_force(seed):
     assert all(g.size == 3 for g in plan.groups for mb in g.microbatches if max(lengths[i] for i in mb) > 2 * 8192)
 
 
+@pytest.mark.parametrize("group_sizes", ["powers_of_two", "any"])
 @pytest.mark.parametrize("regroup", ["step", "rounds", "rounds-linear", "auto"])
 @pytest.mark.parametrize("ranks, n", [(8, 50), (16, 200), (64, 1024)])
-def test_plans_cover_every_sequence_once_on_aligned_groups(ranks, n, regroup, monkeypatch):
-    """Every sequence once; within a round, groups on disjoint aligned power-of-two slices; no
-    micro-batch over its group's memory. `rounds-linear`: rounds filled by the linear-time rule
-    that many sequences get (forced here)."""
+def test_plans_cover_every_sequence_once_on_aligned_groups(ranks, n, regroup, group_sizes, monkeypatch):
+    """Every sequence once; within a round, groups on disjoint slices, aligned power-of-two ones or
+    (any size) none smaller than a node across two of its 8 GPUs; no micro-batch over its group's
+    memory. `rounds-linear`: rounds filled by the linear-time rule that many sequences get (forced here)."""
     import parallel.planner.adaptive as adaptive
 
     if regroup == "rounds-linear":
@@ -86,7 +87,8 @@ def test_plans_cover_every_sequence_once_on_aligned_groups(ranks, n, regroup, mo
     rng = np.random.default_rng(ranks)
     lengths = np.clip(rng.lognormal(np.log(3000), 1.5, n), 16, 131072).astype(int).tolist()
     p = planner(ranks, tokens_per_gpu=16384, milp=regroup == "step" or regroup == "auto",
-                regroup=regroup.split("-")[0])
+                regroup=regroup.split("-")[0], group_sizes=group_sizes)
+    node = p.cost.hw.gpus_per_node
     plan = p.solve(lengths)
     seen = sorted(i for g in plan.groups for mb in g.microbatches for i in mb)
     assert seen == list(range(n))
@@ -94,7 +96,12 @@ def test_plans_cover_every_sequence_once_on_aligned_groups(ranks, n, regroup, mo
         used = sorted(r for g in plan.groups if g.round == round_ for r in g.ranks)
         assert len(used) == len(set(used)) and max(used) < ranks
     for g in plan.groups:
-        assert g.size & (g.size - 1) == 0 and g.start % g.size == 0
+        if group_sizes == "powers_of_two":
+            assert g.size & (g.size - 1) == 0 and g.start % g.size == 0
+        elif g.size <= node:
+            assert g.start // node == (g.start + g.size - 1) // node, (g.start, g.size)
+        else:
+            assert g.start % node == 0 and g.size % node == 0, (g.start, g.size)
         for mb in g.microbatches:
             assert sum(lengths[i] for i in mb) <= g.size * p.tokens_per_gpu
     if regroup.startswith("rounds"):

@@ -123,6 +123,11 @@ def test_layout_rules_give_one_line(small_dataset):
                                                                "parallel.sp.mode=adaptive"],
         "sp.ulysses=3 does not divide sp.degree=2": ["parallel.sp.degree=2", "parallel.sp.method=hybrid",
                                                      "parallel.sp.ulysses=3"],
+        "adaptive SP with tp or pp > 1 is not supported": ["cluster.workers=6", "parallel.tp=2", "parallel.sp.degree=3",
+                                                           "parallel.sp.mode=adaptive", "parallel.sp.group_sizes=any"],
+        "groups of any size (parallel.sp.group_sizes=any) needs parallel.sp.method ring": [
+            "cluster.workers=4", "parallel.sp.degree=4", "parallel.sp.method=ulysses", "parallel.sp.mode=adaptive",
+            "parallel.sp.group_sizes=any"],
     }
     for message, override in cases.items():
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

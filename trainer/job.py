@@ -114,14 +114,15 @@ def check_layout(cfg: JobConfig, world: int | None = None) -> Layout:
              f"model.n_heads={m.n_heads} is not divisible by tp × ulysses = {p.tp * ulysses}")
     _require(m.n_kv_heads % p.tp == 0, f"model.n_kv_heads={m.n_kv_heads} is not divisible by tp={p.tp}")
     adaptive = p.sp.mode == "adaptive"
-    if adaptive and p.sp.group_sizes == "any":
-        _require(p.sp.method == "ring", "adaptive SP with groups of any size (parallel.sp.group_sizes=any) needs "
-                 "parallel.sp.method ring: a Ulysses group's size must divide the heads")
-    elif adaptive:
-        _require(not p.sp.degree & (p.sp.degree - 1) and p.sp.method in ("ring", "ulysses"),
-                 "adaptive SP needs a power-of-two parallel.sp.degree (the largest group) "
-                 "and parallel.sp.method ring or ulysses")
+    if adaptive:
         _require(p.pp * p.tp == 1, "adaptive SP with tp or pp > 1 is not supported in this version of Loom")
+        if p.sp.group_sizes == "any":
+            _require(p.sp.method == "ring", "adaptive SP with groups of any size (parallel.sp.group_sizes=any) "
+                     "needs parallel.sp.method ring: a Ulysses group's size must divide the heads")
+        else:
+            _require(not p.sp.degree & (p.sp.degree - 1) and p.sp.method in ("ring", "ulysses"),
+                     "adaptive SP needs a power-of-two parallel.sp.degree (the largest group) "
+                     "and parallel.sp.method ring or ulysses")
     else:
         _require(t.global_microbatches % dp == 0,
                  f"train.global_microbatches={t.global_microbatches} is not divisible by dp={dp}")

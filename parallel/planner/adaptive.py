@@ -1,9 +1,10 @@
 """Heterogeneity-adaptive sequence parallelism's solver: per step, split the ranks into SP groups of
 different sizes and give every sequence to one group, minimising the slowest group's time.
 
-Groups are slices of the N ranks, placed largest first: of power-of-two sizes (1, 2, 4 …
-max_group), which then lie aligned, or with `group_sizes="any"` of every size up to a node's GPUs
-and whole nodes beyond. A group runs its sequences in micro-batches of at most size ×
+Groups are slices of the N ranks, placed largest first, each in the first node with room for it
+(`NodeSlots`), so that no group smaller than a node spans two: of power-of-two sizes (1, 2, 4 …
+max_group), which then lie aligned and fill every node, or with `group_sizes="any"` of every size
+up to a node's GPUs and whole nodes beyond, which can leave ranks of a node unused. A group runs its sequences in micro-batches of at most size ×
 tokens_per_gpu tokens (the memory limit); a sequence longer than max_group × tokens_per_gpu fits
 nowhere and is an error naming its length.
 
@@ -122,6 +123,44 @@ def allowed_sizes(largest: int, kind: str, gpus_per_node: int) -> list[int]:
     return [1 << i for i in range(int(math.log2(largest)) + 1)]
 
 
+class NodeSlots:
+    """The ranks of a round or a step, node by node, as groups take them: a group of up to a node's
+    ranks goes to the first node with room for it (first fit; given groups largest first, that is
+    first-fit decreasing), a larger one takes whole free nodes in a row."""
+
+    def __init__(self, ranks: int, per_node: int):
+        self.per_node = per_node
+        self.room = [per_node] * (ranks // per_node) + ([ranks % per_node] if ranks % per_node else [])
+        self.free = ranks
+
+    def take(self, size: int) -> int | None:
+        """The first rank of a slice of `size` ranks, now taken, or None where none is left."""
+        if size <= self.per_node:
+            node = next((k for k, r in enumerate(self.room) if r >= size), None)
+            if node is None:
+                return None
+            start = node * self.per_node + (self.per_node - self.room[node])
+            self.room[node] -= size
+        else:
+            span = -(-size // self.per_node)
+            node = next((k for k in range(len(self.room) - span + 1)
+                         if all(r == self.per_node for r in self.room[k: k + span])), None)
+            if node is None or size != span * self.per_node:
+                return None
+            start = node * self.per_node
+            self.room[node: node + span] = [0] * span
+        self.free -= size
+        return start
+
+
+def place(sizes: list[int], ranks: int, per_node: int) -> list[int] | None:
+    """The first rank of each group (given largest first) on `ranks` ranks, or None where they do
+    not all fit without a group spanning nodes."""
+    slots = NodeSlots(ranks, per_node)
+    starts = [slots.take(size) for size in sizes]
+    return None if None in starts else starts
+
+
 class AdaptivePlanner:
     def __init__(self, cost: CostModel, ranks: int, max_group: int, tokens_per_gpu: int,
                  buckets: int = 16, time_limit_s: float = 1.0, use_milp: bool = True, regroup: str = "auto",
@@ -207,12 +246,16 @@ class AdaptivePlanner:
             out[members] = np.add.reduceat(times, np.concatenate([[0], np.cumsum(counts)[:-1]]))
         return out
 
+    def place(self, sizes: list[int]) -> list[int] | None:
+        """Where groups of these sizes (largest first) start on the ranks, None where they do not fit."""
+        return place(sizes, self.ranks, self.cost.hw.gpus_per_node)
+
     def finish(self, lengths: list[int], sizes: list[int], members: list[list[int]], solver: str) -> Plan:
-        """Places the groups on aligned slices (largest first), packs and times them."""
-        groups, start = [], 0
-        for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
-            groups.append(Group(start, sizes[g], self.pack(lengths, members[g], sizes[g])))
-            start += sizes[g]
+        """Places the groups (largest first, `place`; the sizes must fit), packs and times them."""
+        order = sorted(range(len(sizes)), key=lambda g: -sizes[g])
+        starts = self.place([sizes[g] for g in order])
+        assert starts is not None, f"groups of sizes {sorted(sizes, reverse=True)} do not fit the ranks"
+        groups = [Group(start, sizes[g], self.pack(lengths, members[g], sizes[g])) for g, start in zip(order, starts)]
         makespan = float(self.group_times(lengths, [(g.size, g.microbatches) for g in groups]).max(initial=0.0))
         return Plan(groups, makespan, self.lower_bound(lengths), solver=solver)
 
@@ -249,16 +292,15 @@ class AdaptivePlanner:
 
     def candidate_partitions(self, need: np.ndarray) -> list[list[int]]:
         needs = sorted(need.tolist(), reverse=True)
-        out = [[s] * (self.ranks // s) for s in self.sizes]  # every static degree
-        for base in self.sizes:
-            sizes, free = [], self.ranks
-            for n in needs:  # one group per long sequence, as far as ranks allow
-                if base < n <= free:
-                    sizes.append(n)
-                    free -= n
-            sizes += [base] * (free // base)
-            if sizes not in out:
-                out.append(sizes)
+        out = []
+        for long in ([], needs):  # every static degree; then one group per long sequence, as far as ranks allow
+            for base in self.sizes:
+                slots = NodeSlots(self.ranks, self.cost.hw.gpus_per_node)
+                sizes = [n for n in long if n > base and slots.take(n) is not None]
+                while slots.take(base) is not None:
+                    sizes.append(base)
+                if sizes not in out:
+                    out.append(sizes)
         return [p for p in out if max(p) >= need.max(initial=1)]
 
     def _assigned_plan(self, lengths: list[int], sizes: list[int], times: dict[int, list[float]],
@@ -302,36 +344,37 @@ class AdaptivePlanner:
                 waiting = (rest, [])
             else:
                 opened, waiting = self._fast_round(*waiting, n, need)
-            start = 0  # opened: [size, room, members], sizes non-increasing
-            for size, _, members in opened:
+            for size, _, members, start in opened:  # (sizes non-increasing)
                 groups.append(Group(start, size, [members], round_))
-                start += size
             total += float(self.group_times(lengths, [(g[0], [g[2]]) for g in opened]).max(initial=0.0))
             round_ += 1
         return Plan(groups, total, self.lower_bound(lengths), solver="rounds")
 
     def _first_fit_round(self, waiting: list[int], n: list[int], need: list[int]) -> tuple[list, list[int]]:
         """Each sequence into the first group of the round that is big enough and has room, else a
-        new group of its smallest size while ranks are free (Megatron's dynamic CP rule)."""
+        new group of its smallest size while a node has room for it (Megatron's dynamic CP rule).
+        Returns the groups as [size, room left, members, first rank] and what waits."""
         size: list[int] = []
         room: list[int] = []
         members: list[list[int]] = []
+        starts: list[int] = []
         shortest = n[waiting[-1]]
         roomy: list[int] = []  # the groups, in opening order, with room for the shortest sequence
-        free, rest = self.ranks, []
+        slots, rest = NodeSlots(self.ranks, self.cost.hw.gpus_per_node), []
         for k, i in enumerate(waiting):
             length, wanted = n[i], need[i]
             g = next((g for g in roomy if size[g] >= wanted and room[g] >= length), -1)
-            if g < 0 and wanted <= free:
+            start = slots.take(wanted) if g < 0 else None
+            if start is not None:
                 g = len(size)
                 size.append(wanted)
                 room.append(wanted * self.tokens_per_gpu)
                 members.append([])
+                starts.append(start)
                 roomy.append(g)
-                free -= wanted
             elif g < 0:
                 rest.append(i)
-                if not free and not roomy:  # the round is full
+                if not slots.free and not roomy:  # the round is full
                     rest += waiting[k + 1:]
                     break
                 continue
@@ -339,16 +382,17 @@ class AdaptivePlanner:
             members[g].append(i)
             if room[g] < shortest:
                 roomy.remove(g)
-        return [[size[g], room[g], m] for g, m in enumerate(members)], rest
+        return [[size[g], room[g], m, starts[g]] for g, m in enumerate(members)], rest
 
     def _fast_round(self, long: list[int], short: list[int], n: np.ndarray,
                     need: np.ndarray) -> tuple[list, tuple[list[int], list[int]]]:
         """The same in time linear in the sequences placed: those that need several ranks (`long`)
         go to the group of the smallest fitting size with the most room, else a new group; the
         one-rank ones (`short`) then fill, next fit, the room left in the round's groups and
-        one-rank groups on its free ranks. Returns the groups and what waits, as (long, short)."""
+        one-rank groups on its free ranks. Returns the groups (as `_first_fit_round` does) and what
+        waits, as (long, short)."""
         cap = self.tokens_per_gpu
-        free, opened, rest = self.ranks, [], []
+        slots, opened, rest = NodeSlots(self.ranks, self.cost.hw.gpus_per_node), [], []
         heaps: dict[int, list[tuple[int, int]]] = {}  # size → (−room, group) of the round's groups
         for i in long:
             home = None
@@ -356,17 +400,17 @@ class AdaptivePlanner:
                 if size >= need[i] and heaps[size] and -heaps[size][0][0] >= n[i]:
                     home = heapq.heappop(heaps[size])[1]
                     break
-            if home is None and need[i] <= free:
+            start = slots.take(int(need[i])) if home is None else None
+            if start is not None:
                 home = len(opened)
-                opened.append([int(need[i]), int(need[i]) * cap, []])
-                free -= int(need[i])
+                opened.append([int(need[i]), int(need[i]) * cap, [], start])
             if home is None:
                 rest.append(i)
                 continue
             opened[home][1] -= int(n[i])
             opened[home][2].append(i)
             heapq.heappush(heaps.setdefault(opened[home][0], []), (-opened[home][1], home))
-        bins = len(opened) + free  # the round's groups, then one-rank groups on its free ranks
+        bins = len(opened) + slots.free  # the round's groups, then one-rank groups on its free ranks
         b, room = 0, opened[0][1] if opened else cap
         for k, i in enumerate(short):
             while b < bins and room < n[i]:
@@ -375,14 +419,16 @@ class AdaptivePlanner:
             if b == bins:
                 return opened, (rest, short[k:])
             if b >= len(opened):
-                opened.append([1, cap, []])
+                opened.append([1, cap, [], slots.take(1)])
             opened[b][2].append(i)
             room -= int(n[i])
         return opened, (rest, [])
 
     def static(self, lengths: list[int], size: int) -> Plan:
         """Every group of one size (static SP of that degree), for comparison."""
-        sizes = [size] * (self.ranks // size)
+        slots, sizes = NodeSlots(self.ranks, self.cost.hw.gpus_per_node), []
+        while slots.take(size) is not None:
+            sizes.append(size)
         return self._assigned_plan(lengths, sizes, {size: self.share_times(lengths, size).tolist()},
                                    self.min_sizes(lengths), f"static-{size}")
 
@@ -444,7 +490,7 @@ class AdaptivePlanner:
             if chosen:
                 sizes.append(s)
                 members.append(chosen)
-        if any(take):  # a rounding left sequences out: not a usable plan
+        if any(take) or self.place(sorted(sizes, reverse=True)) is None:  # sequences left out, or groups across nodes
             return None
         return self.finish(lengths, sizes, members, "milp")
 

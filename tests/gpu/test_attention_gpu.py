@@ -64,6 +64,8 @@ def test_packed_attention_matches_fp32(backend, lengths, hq, hkv, window):
     (384, 384, True, -1, -1),
     (128, 192, False, 63, 5),  # a window block of the contiguous layout
     (512, 128, True, -1, -1),  # bottom-right causal: the first 384 queries see no key
+    (4096, 2048, False, -1, -1),  # rectangular blocks long enough for cuDNN: its exact-shape path
+    (3000, 2500, False, -1, -1),  # and its ragged path
 ])
 def test_block_masks_match_fp32(backend, nq, nk, causal, left, right):
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -72,7 +74,7 @@ def test_block_masks_match_fp32(backend, nq, nk, causal, left, right):
     dout = torch.randn(nq, 16, 128, device="cuda", generator=g, dtype=torch.bfloat16)
     mask = BlockMask(torch.tensor([0, nq], dtype=torch.int32, device="cuda"),
                      torch.tensor([0, nk], dtype=torch.int32, device="cuda"), nq, nk, causal, left, right)
-    fwd = select_backend(backend, "cuda").forward(q, k, v, mask, 128 ** -0.5)
+    fwd = select_backend(backend, "cuda", DENSE_MIN).forward(q, k, v, mask, 128 ** -0.5)
     ref_fwd = select_backend("math", "cuda").forward(q.float(), k.float(), v.float(), mask, 128 ** -0.5)
     assert torch.equal(torch.isneginf(fwd[1]), torch.isneginf(ref_fwd[1]))  # the same empty rows
 
