@@ -132,25 +132,39 @@ class NodeSlots:
         self.per_node = per_node
         self.room = [per_node] * (ranks // per_node) + ([ranks % per_node] if ranks % per_node else [])
         self.free = ranks
+        self.first = 0  # nodes before this one are full
 
     def take(self, size: int) -> int | None:
         """The first rank of a slice of `size` ranks, now taken, or None where none is left."""
+        room = self.room
         if size <= self.per_node:
-            node = next((k for k, r in enumerate(self.room) if r >= size), None)
+            node = next((k for k in range(self.first, len(room)) if room[k] >= size), None)
             if node is None:
                 return None
-            start = node * self.per_node + (self.per_node - self.room[node])
-            self.room[node] -= size
+            start = node * self.per_node + (self.per_node - room[node])
+            room[node] -= size
         else:
             span = -(-size // self.per_node)
-            node = next((k for k in range(len(self.room) - span + 1)
-                         if all(r == self.per_node for r in self.room[k: k + span])), None)
+            node = next((k for k in range(self.first, len(room) - span + 1)
+                         if all(r == self.per_node for r in room[k: k + span])), None)
             if node is None or size != span * self.per_node:
                 return None
             start = node * self.per_node
-            self.room[node: node + span] = [0] * span
+            room[node: node + span] = [0] * span
         self.free -= size
+        while self.first < len(room) and not room[self.first]:
+            self.first += 1
         return start
+
+    def fill(self, size: int) -> int:
+        """Takes as many slices of `size` ranks as are left (as `take` would, one by one); how many."""
+        count = 0
+        while self.take(size) is not None:
+            count += 1
+            if size == 1:  # (every free rank is a slice of one: take them all at once)
+                count += self.free
+                self.room, self.free, self.first = [0] * len(self.room), 0, len(self.room)
+        return count
 
 
 def place(sizes: list[int], ranks: int, per_node: int) -> list[int] | None:
@@ -297,8 +311,7 @@ class AdaptivePlanner:
             for base in self.sizes:
                 slots = NodeSlots(self.ranks, self.cost.hw.gpus_per_node)
                 sizes = [n for n in long if n > base and slots.take(n) is not None]
-                while slots.take(base) is not None:
-                    sizes.append(base)
+                sizes += [base] * slots.fill(base)
                 if sizes not in out:
                     out.append(sizes)
         return [p for p in out if max(p) >= need.max(initial=1)]
@@ -426,9 +439,7 @@ class AdaptivePlanner:
 
     def static(self, lengths: list[int], size: int) -> Plan:
         """Every group of one size (static SP of that degree), for comparison."""
-        slots, sizes = NodeSlots(self.ranks, self.cost.hw.gpus_per_node), []
-        while slots.take(size) is not None:
-            sizes.append(size)
+        sizes = [size] * NodeSlots(self.ranks, self.cost.hw.gpus_per_node).fill(size)
         return self._assigned_plan(lengths, sizes, {size: self.share_times(lengths, size).tolist()},
                                    self.min_sizes(lengths), f"static-{size}")
 
