@@ -73,9 +73,22 @@ def test_solver_with_groups_of_any_size_equals_brute_force(seed):
     assert all(g.size == 3 for g in plan.groups for mb in g.microbatches if max(lengths[i] for i in mb) > 2 * 8192)
 
 
+def test_groups_placed_node_by_node_on_the_ranks_there_are():
+    """First fit, node by node (8 ranks each, the last one possibly fewer): no group smaller than a
+    node across two, larger ones on whole nodes, every rank one that exists."""
+    from parallel.planner.adaptive import place
+
+    assert place([1], 1, 8) == [0] and place([3], 3, 8) == [0]
+    assert place([8, 4], 12, 8) == [0, 8]
+    assert place([4, 3, 3], 12, 8) == [0, 4, 8] and place([4, 3, 3, 3], 12, 8) is None  # (1 rank left per node)
+    assert place([3, 3, 3], 16, 8) == [0, 3, 8]
+    assert place([16, 5, 3], 32, 8) == [0, 16, 21]
+    assert place([6, 6, 6], 16, 8) is None  # a third 6 would span nodes
+
+
 @pytest.mark.parametrize("group_sizes", ["powers_of_two", "any"])
 @pytest.mark.parametrize("regroup", ["step", "rounds", "rounds-linear", "auto"])
-@pytest.mark.parametrize("ranks, n", [(8, 50), (16, 200), (64, 1024)])
+@pytest.mark.parametrize("ranks, n", [(8, 50), (12, 100), (16, 200), (64, 1024)])
 def test_plans_cover_every_sequence_once_on_aligned_groups(ranks, n, regroup, group_sizes, monkeypatch):
     """Every sequence once; within a round, groups on disjoint slices, aligned power-of-two ones or
     (any size) none smaller than a node across two of its 8 GPUs; no micro-batch over its group's

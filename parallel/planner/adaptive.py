@@ -131,6 +131,7 @@ class NodeSlots:
     def __init__(self, ranks: int, per_node: int):
         self.per_node = per_node
         self.room = [per_node] * (ranks // per_node) + ([ranks % per_node] if ranks % per_node else [])
+        self.size = list(self.room)  # each node's ranks (the last one may have fewer)
         self.free = ranks
         self.first = 0  # nodes before this one are full
 
@@ -141,7 +142,7 @@ class NodeSlots:
             node = next((k for k in range(self.first, len(room)) if room[k] >= size), None)
             if node is None:
                 return None
-            start = node * self.per_node + (self.per_node - room[node])
+            start = node * self.per_node + (self.size[node] - room[node])
             room[node] -= size
         else:
             span = -(-size // self.per_node)
