@@ -153,19 +153,25 @@ class NodeSlots:
             start = node * self.per_node
             room[node: node + span] = [0] * span
         self.free -= size
-        while self.first < len(room) and not room[self.first]:
-            self.first += 1
+        self._skip_full()
         return start
 
     def fill(self, size: int) -> int:
         """Takes as many slices of `size` ranks as are left (as `take` would, one by one); how many."""
-        count = 0
-        while self.take(size) is not None:
-            count += 1
-            if size == 1:  # (every free rank is a slice of one: take them all at once)
-                count += self.free
-                self.room, self.free, self.first = [0] * len(self.room), 0, len(self.room)
-        return count
+        if size > self.per_node:
+            count = 0
+            while self.take(size) is not None:
+                count += 1
+            return count
+        counts = [r // size for r in self.room]  # (first fit fills each node in turn)
+        self.room = [r - c * size for r, c in zip(self.room, counts)]
+        self.free -= size * sum(counts)
+        self._skip_full()
+        return sum(counts)
+
+    def _skip_full(self) -> None:
+        while self.first < len(self.room) and not self.room[self.first]:
+            self.first += 1
 
 
 def place(sizes: list[int], ranks: int, per_node: int) -> list[int] | None:
