@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements of the open issues, in as few device calls as possible (writes into $OUT).
-# Usage on the GPU host:  bash benchmarks/gpu_suite.sh one|corpus|long|8b|two [extra train_step args...]
+# Usage on the GPU host:  bash benchmarks/gpu_suite.sh one|corpus|long|memory|8b|two [extra train_step args...]
 #   one:    CUDA tests, the single-GPU training step at 32K / 64K / 128K (H100 or H200)
 #   corpus: packed attention (flash varlen vs Loom's cudnn) and training steps on real corpora at 64K:
 #           the stdlib corpus with 1, 2 and 4 micro-batches, the FlexSP Wikipedia lengths
 #   long:   one 256K and one 512K document per step (memory saving auto)
+#   memory: where activation memory goes, block by block, for the layouts the memory model was fitted on
+#           (llama-1b-long at 128K–512K and Llama-3.1-8B at 64K, 2 or 4 layers; benchmarks/activation_memory.py)
 #   8b:     a random Llama-3.1-8B-shaped Hugging Face folder: import time and host memory, then a 32K step from it;
 #           then 128K and 256K steps of random weights (AdamW moments and checkpointed inputs offloaded as `auto` says)
 #   two:    (2+ GPUs) ring / ring_bidir / ulysses vs one GPU and torch context_parallel, LASP-2 vs LASP-1,
@@ -40,6 +42,13 @@ long)
     python3 benchmarks/train_step.py --model llama-1b-long --warmup 1 --steps 1 --seq "$seq" --variants loom \
       --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{'
   done ;;
+memory)
+  probe="python3 benchmarks/activation_memory.py --out $OUT/activation_memory.jsonl"
+  $probe --seq 131072 --layers 4 --layouts 0 2:keep 4 4:keep 4:keep:offload 3:keep:offload 4:tile 4:keep:tile \
+    0:tile 2:keep:tile 2>&1 | grep '^{'
+  $probe --seq 262144 --layers 2 --layouts 0:tile 2:tile 0 2>&1 | grep '^{'
+  $probe --seq 524288 --layers 2 --layouts 2:keep 1:keep:offload 2>&1 | grep '^{'
+  $probe --model llama-8b --seq 65536 --layers 2 --layouts 0 2 2:keep 0:tile 2:tile 1:keep:offload 2>&1 | grep '^{' ;;
 8b)
   python3 benchmarks/load_pretrained.py --folder /tmp/hf-llama-8b --out "$OUT/load_pretrained.jsonl" 2>&1 | grep '^{'
   python3 benchmarks/train_step.py --model llama-8b --seq 32768 --warmup 1 --steps 2 --variants loom \

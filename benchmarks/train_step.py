@@ -246,13 +246,18 @@ def worker(rank: int, args: argparse.Namespace, port: int, folder: str) -> None:
             if rank == 0:
                 figures.update(device=torch.cuda.get_device_name() if CUDA else "cpu", gpus=dist.get_world_size(),
                                torch=torch.__version__, date=datetime.date.today().isoformat())
-                line = json.dumps(figures)
-                print(line, flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(line + "\n")
+                emit(figures, args.out)
     finally:
         shutdown_distributed()
+
+
+def emit(figures: dict, out: str) -> None:
+    """Prints one JSON line, and appends it to `out` when given."""
+    line = json.dumps(figures)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
 
 
 def main() -> None:

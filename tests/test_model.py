@@ -93,7 +93,8 @@ def test_compiled_and_selectively_checkpointed_model_equals_eager():
     import copy
 
     from trainer.compiled import compile_elementwise
-    from trainer.parallelize import apply_activation_checkpointing, recomputed_block_ids
+    from parallel.planner.shape import recomputed_block_ids
+    from trainer.parallelize import apply_activation_checkpointing
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2)
@@ -141,7 +142,8 @@ def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, t
     each recomputed, and/or each block's input sent to the host until its backward: the plain
     model's loss and gradients (fp32, 1e-6 relative); a block that keeps its attention never runs
     the kernel again in backward, a tiled SwiGLU never computes its activation for more than a tile
-    of tokens, and with the offload exactly one input per block went to the host."""
+    of tokens, and with the offload exactly one input per block went to the host, each but the
+    first one backward takes started back while the block after it ran its backward."""
     import copy
 
     from trainer.activation_offload import InputOffload
@@ -174,6 +176,8 @@ def test_kept_attention_and_tiled_swiglu_equal_the_plain_model(keep_attention, t
     # tiled, no SwiGLU activation ever exists for more than a tile of the 72 tokens (forward and recompute)
     assert max(silu_rows[0]) == 72 and max(silu_rows[1]) == (tile or 72) and len(silu_rows[1]) > len(silu_rows[0])
     assert (host.moved if host else 0) == (cfg.n_layers if offload else 0)
+    # every input but the first that backward takes (the last block's) was on its way back before its block asked
+    assert (host.prefetched if host else 0) == (cfg.n_layers - 1 if offload else 0)
 
 
 @pytest.mark.parametrize("offload", [False, True])
@@ -200,3 +204,29 @@ def test_an_offloaded_block_input_does_not_stay_on_the_device(offload):
     assert alive == [not offload] * 3
     loss.backward()  # (and backward still finds them)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_offloaded_inputs_come_back_along_their_own_forward():
+    """Two micro-batches in flight (both forwards, then the second's backward before the first's,
+    as a pipeline schedule may run them): each backward prefetches only inputs of its own forward —
+    every input but the first each backward takes — and the gradients equal those without offload."""
+    import copy
+
+    from trainer.activation_offload import InputOffload
+    from trainer.parallelize import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2)
+    plain = Transformer(cfg)
+    moved = copy.deepcopy(plain)
+    host = InputOffload(torch.device("cpu"))
+    apply_activation_checkpointing(moved, {0, 1, 2}, offload=host)
+    attend = LocalAttention(select_backend("cpu_flash", "cpu"), torch.tensor([0, 40], dtype=torch.int32), 40)
+    batches = [torch.randint(0, 50, (40,)) for _ in range(2)]
+    for model in (plain, moved):
+        losses = [model(tokens, torch.arange(40), attend, tokens) for tokens in batches]
+        for loss in reversed(losses):
+            loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), moved.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert host.moved == 2 * cfg.n_layers and host.prefetched == 2 * (cfg.n_layers - 1)

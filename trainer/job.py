@@ -239,7 +239,7 @@ def gpu_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
     dp × sp and split by tp × pp, and the activations of its share of the micro-batch (tokens / sp)."""
     states = cost.state_bytes(layout.dp * layout.sp, microbatches=cfg.train.global_microbatches // layout.dp)
     return states / (layout.tp * layout.pp) + cost.activation_bytes(cfg.data.tokens_per_microbatch // layout.sp,
-                                                                     layout.tp)
+                                                                     layout.tp, layout.dp * layout.sp)
 
 
 def host_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:

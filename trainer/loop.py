@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from parallel.attention import select_backend, warm_up
 from parallel.mesh import ParallelDims
+from parallel.planner.shape import recomputed_block_ids
 from parallel.process_group import collective_guard
 from trainer.adaptive_work import AdaptiveWork
 from trainer.checkpoint import Checkpointer
@@ -42,7 +43,7 @@ from trainer.loader import StepLoader
 from trainer.metrics import MetricsWriter, log0, peak_memory_gb, plot_loss
 from trainer.model import Transformer, num_params
 from trainer.activation_offload import InputOffload
-from trainer.parallelize import parallelize, recomputed_block_ids, split_model, stage_ids
+from trainer.parallelize import parallelize, split_model, stage_ids
 from trainer.runner import MicrobatchRunner, PipelineRunner, Precision
 from trainer.sampler import PackedSampler
 from trainer.work import StaticWork

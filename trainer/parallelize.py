@@ -98,11 +98,6 @@ def apply_tp(model: Transformer, mesh: DeviceMesh) -> None:
             block.attention.log_decay = block.attention.log_decay[rank * heads:(rank + 1) * heads].clone()
 
 
-def recomputed_block_ids(count: int, n_layers: int) -> set[int]:
-    """Indices of `count` of the model's `n_layers` blocks, spread evenly (selective checkpointing)."""
-    return {j * n_layers // count for j in range(count)} if count > 0 else set()
-
-
 # the attention kernels' forward ops: a block that keeps its attention output saves what these return
 ATTENTION_KERNELS = {op for op in (
     getattr(torch.ops.aten, name).default for name in (
@@ -125,11 +120,13 @@ def apply_activation_checkpointing(model: nn.Module, blocks: set[int], keep_atte
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     kwargs = {"context_fn": partial(create_selective_checkpoint_contexts, _keep_attention)} if keep_attention else {}
+    previous = None
     for name, block in list(model.layers.items()):
         if int(name) in blocks:
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
             if offload is not None:
-                offload.attach(model.layers[name])
+                offload.attach(model.layers[name], previous)
+                previous = model.layers[name]
 
 
 def parallelize(part: Transformer, dims: ParallelDims, recomputed: set[int], compiled: bool,

@@ -18,8 +18,11 @@ Communication per method, per layer, on the link the group spans (NVLink inside 
 ring — (d−1) hops of K/V forward and K/V + fp32 dK/dV backward, each hidden behind that hop's
 attention when the hop's compute is longer; ulysses — four all-to-alls of activations forward
 and four backward, not hidden; lasp2 — one all-gather of the d_k × d_v state per head, independent
-of L. Memory per GPU: FSDP-sharded weights, gradients and AdamW states plus activations per
-token held (fewer when some blocks are recomputed in backward) and the loss's logits.
+of L. Memory per GPU: FSDP-sharded weights and AdamW states, plus the highest of the moments a
+peak can occur — the loss at the end of the forward (every block's activations held, the logits of
+a chunk) and each block's backward (the blocks before it holding theirs, this block's whole
+activations back and its backward's working set, the gradients of the blocks after it). The
+terms were measured block by block on an H200 (`benchmarks/activation_memory.py`).
 
 Two techniques trade time for memory beyond recomputing whole blocks: recomputed blocks that keep
 their attention's output (`keep_attention`: only the cheap matmuls and element-wise work run
@@ -28,7 +31,8 @@ recomputed in backward (`mlp_tile`: its hidden activations exist for one tile at
 price of one more MLP forward). A third moves state instead of activations: AdamW's two moments
 in host memory (`offload_optimizer`), 8 bytes per parameter off the GPU for a copy in and out at
 each step over the host link (both directions at once); and the recomputed blocks' inputs in host
-memory (`offload_inputs`), copied out while the forward goes on and back, exposed, in backward.
+memory (`offload_inputs`), copied out while the forward goes on and back in backward, each while
+the block after it runs its backward (only the first one back is exposed).
 
 FLOPs and parameter counts come from `shape`, coefficients from a `HardwareProfile`. Torch-free.
 """
@@ -41,12 +45,14 @@ from typing import Literal
 import numpy as np
 
 from parallel.planner.hardware import HardwareProfile
-from parallel.planner.shape import BACKWARD_KERNEL, ModelShape
+from parallel.planner.shape import BACKWARD_KERNEL, ModelShape, recomputed_block_ids
 
 BYTES = 2  # bf16 activations and K/V on the wire
 MEMORY_RESERVE = 0.9  # share of a GPU's memory the model plans to use (the allocator needs the rest)
 HOST_RESERVE = 0.8  # share of a host's memory that offloaded moments and activations may fill
-RECOMPUTE_PEAK = 0.41  # of a block's activations, alive again while a recomputed block runs its backward
+LOGIT_BYTES = 7.5  # per logit of the loss's working set (7.47 measured on an H200, 8,192-row chunks)
+OUTPUT_BYTES = 7  # per output-layer parameter during forward and backward: its fp32 gradient and bf16 copy (fitted)
+GRAD_BYTES = 4  # per parameter of a block whose backward is done: its fp32 gradient
 CommMethod = Literal["ring", "ulysses", "lasp2"]
 
 
@@ -110,11 +116,13 @@ class CostModel:
         return flops / group / (self.hw.matmul_tflops * 1e12)
 
     def inputs_offload_time(self, tokens, group: int):
-        """Seconds of bringing the recomputed blocks' inputs back from the host in backward."""
-        if not self.offload_inputs:
+        """Seconds of bringing the recomputed blocks' inputs back from the host in backward: the first
+        one's copy, exposed; each later one travels while the block after it runs its backward, which
+        takes longer at any length (a token's input, dim × 2 bytes over the host link, against the
+        matmuls of a block's backward for that token)."""
+        if not self.offload_inputs or not self.recomputed:
             return 0.0
-        m = self.shape
-        return self.recomputed * m.n_layers * np.asarray(tokens) / group * m.dim * BYTES / (self.hw.host_gbps * 1e9)
+        return np.asarray(tokens) / group * self.shape.dim * BYTES / (self.hw.host_gbps * 1e9)
 
     def compute_time(self, tokens, attention_s, group: int):
         """Seconds of a micro-batch's kernels and host copies on each of `group` ranks, given its
@@ -152,73 +160,85 @@ class CostModel:
     # ------------------------------------------------------------------ memory
 
     def block_bytes_per_token(self, recomputed: bool) -> float:
-        """Bytes one block holds per token for backward (bf16): its input alone when recomputed (on
-        the host with `offload_inputs`), and the attention output with its fp32 log-sum-exp when it
-        keeps them."""
+        """Bytes one block holds per token from its forward to its backward (bf16). A recomputed
+        block: its input (none on the GPU with `offload_inputs`), and with `keep_attention` the
+        attention output and its fp32 log-sum-exp. Any other block: norm inputs, projection inputs,
+        q and the attention output, k and v, and the SwiGLU's inputs and product as compiled
+        element-wise regions save them, with 4% the allocator adds (76 KB/token measured for
+        llama-1b-long, 74.5 by this formula); a tiled SwiGLU keeps only its input and output."""
         m = self.shape
         if recomputed:
             # (softmax layers only: linear-attention layers call no attention kernel)
             kept = m.n_heads * (m.head_dim * BYTES + 4) * m.softmax_layers / m.n_layers if self.keep_attention else 0.0
             return (0.0 if self.offload_inputs else m.dim * BYTES) + kept
-        # norm inputs, projection inputs, q and the attention output, k and v, SwiGLU's inputs and product,
-        # as saved with compiled element-wise regions, and 4% the allocator adds: 74.6 KB/token measured for
-        # llama-1b-long on an H200 (64K tokens, no block recomputed); a tiled SwiGLU keeps only its input
-        swiglu = 0 if self.mlp_tile else 3 * m.hidden_dim
+        swiglu = m.dim if self.mlp_tile else 3 * m.hidden_dim
         return 1.04 * BYTES * (5 * m.dim + 2 * m.n_kv_heads * m.head_dim + swiglu)
 
-    def mlp_tile_bytes(self) -> float:
-        """The SwiGLU's working set of one tile: its three hidden activations and their gradients
-        (under tp a rank gathers tp tiles and holds 1/tp of their hidden columns: the same bytes)."""
-        return 6.0 * self.mlp_tile * self.shape.hidden_dim * BYTES if self.mlp_tile else 0.0
-
-    def layer_bytes_per_token(self) -> float:
-        """Bytes all blocks hold per token; while a recomputed block runs its backward, part of its
-        activations (RECOMPUTE_PEAK, fitted at 128K and 256K tokens with 7 and 13 blocks recomputed)
-        lives again on top. Where every block is recomputed, no block's activations are freed before
-        the first recomputed one runs its backward, and an untiled SwiGLU's three hidden activations
-        come on top as well (measured: 512K tokens of llama-1b-long needed 24 GB more than the rest
-        of this model says; Llama-3.1-8B at 128K ran out of memory)."""
-        f = self.recomputed
-        held = self.shape.n_layers * (f * self.block_bytes_per_token(True) + (1 - f) * self.block_bytes_per_token(False))
-        swiglu = 1.04 * BYTES * 3 * self.shape.hidden_dim if f >= 1 and not self.mlp_tile else 0.0
-        return held + (RECOMPUTE_PEAK * self.block_bytes_per_token(False) + swiglu if f > 0 else 0.0)
-
     def backward_bytes_per_token(self) -> float:
-        """The working set of a block's backward, per token, on top of what the blocks hold: the
-        gradients of the attention's output, q, k and v (bf16), the kernel's fp32 dQ accumulator, and
-        the residual stream's gradient with the one it is added to (26.3 KB/token fitted for
-        llama-1b-long on an H200 at 64K–1M tokens; this formula gives 26.6)."""
+        """A block's backward working set per token, above what it holds: the attention's fp32 dQ
+        accumulator with dO and dQ in bf16 (16.4 KB for llama-1b-long, 16.5–16.6 measured; 32.8 for
+        Llama-3.1-8B, 30.5 measured), and under SwiGLU tiles the gradients of the tiled region's
+        input and output, about 12 bytes per model dimension (23 KB measured for llama-1b-long at
+        128K and 256K tokens, 53 for Llama-3.1-8B at 64K). A recomputed block first brings back
+        what it did not keep: its backward peaks at a whole block's activations plus this."""
         m = self.shape
-        q, kv = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-        return BYTES * (2 * q + 2 * kv) + 4 * q + 2 * BYTES * m.dim
+        return (4 + 2 * BYTES) * m.n_heads * m.head_dim + (12 * m.dim if self.mlp_tile else 0)
 
     def logits_bytes(self, tokens: float) -> float:
-        """The loss's bf16 logits and their fp32 gradient, `loss_chunk` rows at a time."""
+        """The loss's working set: bf16 logits, their fp32 softmax and gradient, `loss_chunk` rows
+        at a time (LOGIT_BYTES per logit, measured)."""
         rows = min(tokens, self.loss_chunk) if self.loss_chunk else tokens
-        return rows * self.shape.vocab_size * (BYTES + 4)
+        return rows * self.shape.vocab_size * LOGIT_BYTES
 
-    def activation_bytes(self, tokens: float, tp: int = 1) -> float:
-        """Bytes of activations held for backward by `tokens` tokens on one GPU of a tp group (its
-        heads and SwiGLU columns; a SwiGLU tile is gathered whole over tp)."""
-        per_token = self.layer_bytes_per_token() + self.backward_bytes_per_token()
-        return (per_token * tokens + self.logits_bytes(tokens)) / tp + self.mlp_tile_bytes()
+    def _phases(self, shard: int) -> list[tuple[float, float]]:
+        """(bytes per token, fixed bytes) of activations and gradients at each moment a memory peak
+        can occur, for tp = 1: the loss at the end of the forward, when every block holds its
+        activations, and the backward of each block j (last first), when blocks 0..j−1 still hold
+        theirs, block j has its whole activations and its backward working set, and the blocks
+        after j have left their fp32 gradients (GRAD_BYTES per parameter, over the `shard` ranks
+        that reduce them, and the newest block's whole reduction input once more); with offloaded
+        inputs, the next block's input is on its way back meanwhile. Outside the
+        blocks, in every phase: the residual stream's gradient (bf16) and the output layer's fp32
+        gradient, formed by the chunked loss in forward, with its bf16 copy (OUTPUT_BYTES per
+        parameter). Which block is last matters, not whether it is recomputed: its backward runs
+        first, with every other block's activations still held."""
+        m = self.shape
+        recomputed = recomputed_block_ids(round(self.recomputed * m.n_layers), m.n_layers)
+        held = [self.block_bytes_per_token(j in recomputed) for j in range(m.n_layers)]
+        base = m.dim * BYTES
+        fixed = OUTPUT_BYTES * m.vocab_size * m.dim
+        block_grads = GRAD_BYTES * m.matmul_params_per_layer()  # (whole, before its reduce-scatter)
+        whole = self.block_bytes_per_token(False) + self.backward_bytes_per_token()
+        prefetched = m.dim * BYTES if self.offload_inputs and recomputed else 0.0
+        phases = [(base + sum(held), fixed)]
+        before = 0.0
+        for j in range(m.n_layers):
+            after = m.n_layers - 1 - j
+            phases.append((base + before + whole + (prefetched if j else 0.0),
+                           fixed + block_grads * (after / shard + (1 if after else 0))))
+            before += held[j]
+        return phases
 
-    def activation_bytes_per_token(self) -> float:
-        """Bytes per token for long micro-batches (the logits of a chunked loss do not grow)."""
-        return (self.layer_bytes_per_token() + self.backward_bytes_per_token()
-                + (0.0 if self.loss_chunk else self.logits_bytes(1.0)))
+    def activation_bytes(self, tokens: float, tp: int = 1, shard: int = 1) -> float:
+        """Peak bytes of activations, gradients and the loss's working set for `tokens` tokens on one
+        GPU of a tp group (its heads and SwiGLU columns), gradients sharded over `shard` ranks: the
+        highest of the phases."""
+        loss = self.logits_bytes(tokens)
+        peaks = [per_token * tokens + fixed + (loss if i == 0 else 0.0)
+                 for i, (per_token, fixed) in enumerate(self._phases(shard))]
+        return max(peaks) / tp
 
     def state_bytes(self, shard: int, unsharded_copy: bool = False, microbatches: int = 1) -> float:
-        """Weights and AdamW states at the memory peak — the start of a backward, when activations are
-        all alive — over `shard` ranks: fp32 master weights and two moments (12 B/param; 4 with the
-        moments offloaded to the host), one block's
-        gradients and gathered bf16 weights; `unsharded_copy` adds the bf16 weights and fp32 gradients
+        """Weights and AdamW states over `shard` ranks: fp32 master weights and two moments
+        (12 B/param; 4 with the moments offloaded to the host) and the bf16 weights of the block that
+        runs and of the next, gathered; `unsharded_copy` adds the bf16 weights and fp32 gradients
         held whole (adaptive mode). With several micro-batches a rank also holds, whole, the fp32
         gradients accumulated over those before (4 B/param; FSDP adds each block's bf16 gradients
         in as they come: 4.0 measured on an H200, llama-1b-long, 1 vs 2 and 4 micro-batches of the
         stdlib corpus), since gradients are reduced once per step."""
         p = self.shape.params()
-        held = (4 if self.offload_optimizer else 12) * p / shard + (6 * p if unsharded_copy else 6 * p * 2 / max(1, self.shape.n_layers))
+        held = (4 if self.offload_optimizer else 12) * p / shard
+        held += 6 * p if unsharded_copy else 2 * BYTES * self.shape.matmul_params_per_layer()
         if microbatches > 1 and not unsharded_copy:
             held += 4 * p
         return held
@@ -236,7 +256,17 @@ class CostModel:
         return self.hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE - self.state_bytes(shard, unsharded_copy, microbatches)
 
     def tokens_per_gpu(self, shard: int, unsharded_copy: bool = False) -> int:
-        """Most tokens one GPU can hold activations for, with the rest of memory for states."""
-        free = (self.free_bytes(shard, unsharded_copy) - (self.logits_bytes(self.loss_chunk) if self.loss_chunk else 0.0)
-                - self.mlp_tile_bytes())
-        return max(0, int(free / self.activation_bytes_per_token()))
+        """Most tokens one GPU can hold activations for, with the rest of memory for states: the
+        fewest any phase allows (at the loss, a micro-batch shorter than a chunk has fewer logits)."""
+        free = self.free_bytes(shard, unsharded_copy)
+        logit_row = self.shape.vocab_size * LOGIT_BYTES
+        allowed = []
+        for i, (per_token, fixed) in enumerate(self._phases(shard)):
+            tokens = (free - fixed) / per_token
+            if i == 0:
+                tokens = (free - fixed) / (per_token + logit_row)  # every row's logits at once
+                chunked = (free - fixed - self.loss_chunk * logit_row) / per_token
+                if self.loss_chunk and chunked >= self.loss_chunk:
+                    tokens = chunked
+            allowed.append(tokens)
+        return max(0, int(min(allowed)))

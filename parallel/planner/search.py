@@ -180,10 +180,8 @@ class PlanSearch:
         full = self.whole_cost(c)
         states = full.state_bytes(c.dp * c.sp, unsharded_copy=c.mode == "adaptive",
                                   microbatches=self.microbatches(c)) / (c.tp * c.pp)
-        tokens_per_gpu = c.tokens_per_gpu
-        layers = full.layer_bytes_per_token() / (c.tp * c.pp) * tokens_per_gpu * c.pp  # pp micro-batches in flight
-        layers += full.backward_bytes_per_token() / c.tp * tokens_per_gpu
-        return (states + layers + full.logits_bytes(tokens_per_gpu) / c.tp + full.mlp_tile_bytes()) / 2**30
+        # (a stage holds 1/pp of the blocks for pp micro-batches in flight: the whole model's activations once)
+        return (states + full.activation_bytes(c.tokens_per_gpu, c.tp, c.dp * c.sp)) / 2**30
 
     def fsdp_time(self, c: Candidate, compute: float) -> float:
         """The exposed part of one step's weight gathers (fwd, bwd) and gradient reduce-scatter."""

@@ -85,13 +85,17 @@ class ModelShape:
                        softmax_layers=self.softmax_layers * layers // self.n_layers)
 
 
+def recomputed_block_ids(count: int, n_layers: int) -> set[int]:
+    """Indices of `count` of the model's `n_layers` blocks, spread evenly: the blocks whose
+    activations are recomputed in backward."""
+    return {j * n_layers // count for j in range(count)} if count > 0 else set()
+
+
 def fewest_blocks(n_layers: int, fits) -> int:
     """The fewest recomputed blocks k in 0..n_layers with `fits(k)`; n_layers when none fits.
-    Memory falls as k grows from 1 on (one recomputed block needs a little more than none: its
-    activations live again during its own backward), so k = 0 is tried first, then bisection."""
-    if fits(0):
-        return 0
-    lo, hi = 1, n_layers
+    Memory does not grow with k (each recomputed block holds less until its backward, and the
+    last block, whose backward comes first, is the last to be recomputed), so bisection."""
+    lo, hi = 0, n_layers
     while lo < hi:
         mid = (lo + hi) // 2
         if fits(mid):
