@@ -4,7 +4,7 @@
 #   one:    CUDA tests, the single-GPU training step at 32K / 64K / 128K (H100 or H200)
 #   corpus: packed attention (flash varlen vs Loom's cudnn) and training steps on real corpora at 64K:
 #           the stdlib corpus with 1, 2 and 4 micro-batches, the FlexSP Wikipedia lengths
-#   long:   one 256K and one 512K document per step (memory saving auto)
+#   long:   one 256K and one 512K document per step (memory saving auto), one 1M document over 4 of 16 layers
 #   memory: where activation memory goes, block by block, for the layouts the memory model was fitted on
 #           (llama-1b-long at 128K–512K and Llama-3.1-8B at 64K, 2 or 4 layers; benchmarks/activation_memory.py)
 #   8b:     a random Llama-3.1-8B-shaped Hugging Face folder: import time and host memory, then a 32K step from it;
@@ -41,7 +41,13 @@ long)
   for seq in 262144 524288; do
     python3 benchmarks/train_step.py --model llama-1b-long --warmup 1 --steps 1 --seq "$seq" --variants loom \
       --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{'
-  done ;;
+  done
+  # 1M tokens: all 16 layers take ≈ 580 s, over a device call; 4 of them, one step (compilation included),
+  # with the per-block setting `auto` chooses for 16 (recomputed, SwiGLU tiles, inputs on the host; the last
+  # block kept)
+  python3 benchmarks/train_step.py --model llama-1b-long --warmup 0 --steps 1 --seq 1048576 --variants loom \
+    --set model.n_layers=4 train.activation_checkpointing=3 train.keep_attention=false train.mlp_tile_tokens=16384 \
+    train.offload_activations=true optim.offload=false --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{' ;;
 memory)
   probe="python3 benchmarks/activation_memory.py --out $OUT/activation_memory.jsonl"
   $probe --seq 131072 --layers 4 --layouts 0 2:keep 4 4:keep 4:keep:offload 3:keep:offload 4:tile 4:keep:tile \
