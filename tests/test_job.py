@@ -196,3 +196,14 @@ def test_auto_memory_saving_counts_what_tp_and_pp_split(small_dataset):
     tp4 = resolve(load_config(DEMO, base + ["cluster.workers=4", "parallel.tp=4", "train.global_microbatches=1"]), H200)
     pp4 = resolve(load_config(DEMO, base + ["cluster.workers=4", "parallel.pp=4", "train.global_microbatches=4"]), H200)
     assert tp4.recomputed_blocks < one.recomputed_blocks and pp4.recomputed_blocks < one.recomputed_blocks
+
+
+def test_the_memory_model_chunks_the_loss_only_where_the_trainer_does(small_dataset):
+    """`train.loss_chunk` applies with tp = pp = 1; with tp (a loss-parallel cross-entropy over
+    sharded logits) or pp the trainer computes every row's logits at once, and so does the model."""
+    base = [f"data.path={small_dataset}", "model=llama-8b", "data.context_len=32768", "data.tokens_per_microbatch=32768",
+            "train.loss_chunk=8192", "train.activation_checkpointing=auto", "optim.offload=false"]
+    one = resolve(load_config(DEMO, base + ["cluster.workers=1", "train.global_microbatches=1"]), H200)
+    tp2 = resolve(load_config(DEMO, base + ["cluster.workers=2", "parallel.tp=2", "train.global_microbatches=1"]), H200)
+    pp2 = resolve(load_config(DEMO, base + ["cluster.workers=2", "parallel.pp=2", "train.global_microbatches=2"]), H200)
+    assert one.cost_model().loss_chunk == 8192 and tp2.cost_model().loss_chunk == 0 == pp2.cost_model().loss_chunk

@@ -78,9 +78,11 @@ class Job:
 
 def cost_model(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> CostModel:
     """The job's cost model (its model, hardware, SP method's communication and loss chunking),
-    before any memory saving."""
+    before any memory saving. The loss is chunked only where the trainer chunks it: one rank holds
+    the whole vocabulary and the last layer (tp = pp = 1)."""
     method = "ulysses" if layout.sp_method == "ulysses" else "ring"
-    return CostModel(cfg.model.shape, hw, method=method, loss_chunk=cfg.train.loss_chunk)
+    chunk = cfg.train.loss_chunk if layout.tp == 1 and layout.pp == 1 else 0
+    return CostModel(cfg.model.shape, hw, method=method, loss_chunk=chunk)
 
 
 def _require(ok: bool, message: str) -> None:
