@@ -164,7 +164,7 @@ class CostModel:
         block: its input (none on the GPU with `offload_inputs`), and with `keep_attention` the
         attention output and its fp32 log-sum-exp. Any other block: norm inputs, projection inputs,
         q and the attention output, k and v, and the SwiGLU's inputs and product as compiled
-        element-wise regions save them, with 4% the allocator adds (76 KB/token measured for
+        element-wise regions save them, with 4% the allocator adds (75.8 KB/token measured for
         llama-1b-long, 74.5 by this formula); a tiled SwiGLU keeps only its input and output."""
         m = self.shape
         if recomputed:
