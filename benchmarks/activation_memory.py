@@ -7,7 +7,8 @@ reaches that block, so the trace reads, for every block: the memory allocated wh
 starts (what the blocks before it still hold, plus the gradients formed so far) and the peak
 while it runs (its recompute and its backward's working set). One JSON line per layout gives,
 per token: what all blocks hold at the start of backward, the highest peak of one block's
-backward above what it started from, and the step's peak, each next to what `CostModel` says.
+backward above what it started from, and the step's peak, each next to what `CostModel` says;
+also the traced step's seconds (warm; the trace synchronises once per block) next to the model's.
 
     python benchmarks/activation_memory.py --model llama-1b-long --seq 65536 --layers 4 \
         --layouts 0 2 4 4:keep 4:keep:offload 4:tile 2:keep:offload --out memory.jsonl
@@ -23,6 +24,7 @@ import argparse
 import datetime
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -89,8 +91,10 @@ def measure(spec: str, args: argparse.Namespace, data: Path, run_dir: Path) -> d
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     trace = BlockTrace(list(trainer.parts[0].layers.values()))
+    started = time.perf_counter()
     trainer.train_step(batches)
     torch.cuda.synchronize()
+    step_s = time.perf_counter() - started
     trace.remove()
     end_peak = torch.cuda.max_memory_allocated()
     order = sorted(trace.at_start, reverse=True)  # backward order: the last block first
@@ -108,6 +112,8 @@ def measure(spec: str, args: argparse.Namespace, data: Path, run_dir: Path) -> d
         "block_backward_rise_kb_per_token": {str(i): round(rise[i] / tokens / 1e3, 2) for i in order},
         "block_start_kb_per_token": {str(i): round((trace.at_start[i] - before) / tokens / 1e3, 2) for i in order},
         "step_peak_gib": round(max([end_peak, *trace.peak_before.values()]) / GIB, 2),
+        "step_s": round(step_s, 3),
+        "model_step_s": round(cost.microbatch_time([tokens], 1) + cost.step_fixed_time(1), 3),
         "model_peak_gib": round((cost.state_bytes(1) + cost.activation_bytes(tokens)) / GIB, 2),
         "model_states_gib": round(cost.state_bytes(1) / GIB, 2),
         "model_block_kb_per_token": {"recomputed": round(cost.block_bytes_per_token(True) / 1e3, 2),

@@ -6,9 +6,9 @@
 #           the stdlib corpus with 1, 2 and 4 micro-batches, the FlexSP Wikipedia lengths
 #   long:   one 256K and one 512K document per step (memory saving auto), one 1M document over 4 of 16 layers
 #   memory: where activation memory goes, block by block, for the layouts the memory model was fitted on
-#           (llama-1b-long at 128K–512K and Llama-3.1-8B at 64K, 2 or 4 layers; benchmarks/activation_memory.py)
+#           (llama-1b-long at 128K–1M and Llama-3.1-8B at 64K, 2 or 4 layers; benchmarks/activation_memory.py)
 #   8b:     a random Llama-3.1-8B-shaped Hugging Face folder: import time and host memory, then a 32K step from it;
-#           then 128K and 256K steps of random weights (AdamW moments and checkpointed inputs offloaded as `auto` says)
+#           then a 128K step and a 240K one (the longest `auto` allows with a 125 GB host) of random weights
 #   two:    (2+ GPUs) ring / ring_bidir / ulysses vs one GPU and torch context_parallel, LASP-2 vs LASP-1,
 #           the sp=2 training step at 128K with and without overlap, adaptive vs static SP on the stdlib corpus
 # WIKIPEDIA names the FlexSP lengths file (default: .gpu_data/, a carried copy of ../shared/data/).
@@ -42,7 +42,7 @@ long)
     python3 benchmarks/train_step.py --model llama-1b-long --warmup 1 --steps 1 --seq "$seq" --variants loom \
       --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{'
   done
-  # 1M tokens: all 16 layers take ≈ 580 s, over a device call; 4 of them, one step (compilation included),
+  # 1M tokens: all 16 layers take ≈ 635 s, over a device call; 4 of them, one step (compilation included),
   # with the per-block setting `auto` chooses for 16 (recomputed, SwiGLU tiles, inputs on the host; the last
   # block kept)
   python3 benchmarks/train_step.py --model llama-1b-long --warmup 0 --steps 1 --seq 1048576 --variants loom \
@@ -54,12 +54,13 @@ memory)
     0:tile 2:keep:tile 2>&1 | grep '^{'
   $probe --seq 262144 --layers 2 --layouts 0:tile 2:tile 0 2>&1 | grep '^{'
   $probe --seq 524288 --layers 2 --layouts 2:keep 1:keep:offload 2>&1 | grep '^{'
+  $probe --seq 1048576 --layers 2 --layouts 1:tile:offload 2>&1 | grep '^{'
   $probe --model llama-8b --seq 65536 --layers 2 --layouts 0 2 2:keep 0:tile 2:tile 1:keep:offload 2>&1 | grep '^{' ;;
 8b)
   python3 benchmarks/load_pretrained.py --folder /tmp/hf-llama-8b --out "$OUT/load_pretrained.jsonl" 2>&1 | grep '^{'
   python3 benchmarks/train_step.py --model llama-8b --seq 32768 --warmup 1 --steps 2 --variants loom \
     --set model.init_from=/tmp/hf-llama-8b --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{'
-  for seq_warmup in 131072:1 262144:0; do  # (256K: one step, compilation included, to stay inside a device call)
+  for seq_warmup in 131072:1 245760:0; do  # (240K: one step, compilation included, to stay inside a device call)
     python3 benchmarks/train_step.py --model llama-8b --seq "${seq_warmup%:*}" --warmup "${seq_warmup#*:}" --steps 1 \
       --variants loom --out "$OUT/train_step.jsonl" "$@" 2>&1 | grep '^{'
   done ;;

@@ -126,6 +126,26 @@ def test_adaptive_preflight_on_a_cpu_head_uses_the_workers_gpu(small_dataset, mo
         resolve(cfg, Target("cpu"))
 
 
+def test_adaptive_budget_counts_the_memory_saving_it_runs_with(small_dataset):
+    """Adaptive SP's per-rank token budget is what the GPU holds with the job's memory saving and
+    the whole weights and gradients adaptive mode keeps: recomputing every block raises it, and each
+    budget fits the memory model next to those states (`auto` recomputes the fewest blocks that
+    hold the largest group's share of the context)."""
+    base = [f"data.path={small_dataset}", "model=llama-8b", "parallel.sp.mode=adaptive", "parallel.sp.degree=8",
+            "cluster.workers=8", "data.context_len=262144", "data.tokens_per_microbatch=262144",
+            "train.global_microbatches=8", "train.loss_chunk=8192", "optim.offload=false",
+            "train.offload_activations=false"]
+    budgets = {}
+    for setting in ("false", "true", "auto"):
+        job = resolve(load_config(DEMO, [*base, f"train.activation_checkpointing={setting}"]), H200)
+        budgets[setting] = job.tokens_per_gpu
+        cost = job.cost_model()
+        need = cost.state_bytes(8, unsharded_copy=True) + cost.activation_bytes(job.tokens_per_gpu, 1, 8)
+        assert need <= job.hardware.gpu_memory_gb * 2**30 * MEMORY_RESERVE
+        assert job.layout.sp * job.tokens_per_gpu >= 262144
+    assert budgets["true"] > 1.5 * budgets["false"], budgets
+
+
 def test_layout_rules_give_one_line(small_dataset):
     base = [f"data.path={small_dataset}", "model=tiny"]
     cases = {
@@ -172,7 +192,7 @@ def test_offloads_fit_the_host_with_the_gpu(small_dataset):
     """An 8B model at 224K on one H200: AdamW's moments (60 GB) and the recomputed blocks' inputs
     (54 GB) would fill a 125 GB host (the lent machine's; a run there was killed), so `auto` keeps
     the inputs on the GPU, and offloads them too with a 512 GB host; both asked for on the small
-    host is refused in one line that names host memory."""
+    host is refused in one line that names host memory, and so is 256K, where no setting fits."""
     base = [f"data.path={small_dataset}", "model=llama-8b", "data.context_len=229376",
             "data.tokens_per_microbatch=229376", "cluster.workers=1", "train.global_microbatches=1",
             "train.loss_chunk=8192", "train.activation_checkpointing=auto"]
@@ -184,6 +204,9 @@ def test_offloads_fit_the_host_with_the_gpu(small_dataset):
     assert on_large.offload_moments and on_large.offload_inputs
     with pytest.raises(ConfigError, match=r"puts 1\d\d\.\d GB per GPU in host memory .* 80% of the host's 125\.0 GB"):
         resolve(load_config(DEMO, base + ["optim.offload=true", "train.offload_activations=true"]), small)
+    longer = [*base, "data.context_len=262144", "data.tokens_per_microbatch=262144"]
+    with pytest.raises(ConfigError, match=r"in host memory .*: no memory saving Loom weighs fits: lower"):
+        resolve(load_config(DEMO, longer), small)  # (every setting auto: nothing left to let Loom choose)
 
 
 def test_auto_memory_saving_counts_what_tp_and_pp_split(small_dataset):

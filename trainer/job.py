@@ -238,8 +238,10 @@ def memory_saving(cfg: JobConfig, layout: Layout, hw: HardwareProfile, gpu: bool
 
 def gpu_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
     """Peak bytes on one GPU for the largest micro-batch: weights and optimizer states sharded over
-    dp × sp and split by tp × pp, and the activations of its share of the micro-batch (tokens / sp)."""
-    states = cost.state_bytes(layout.dp * layout.sp, microbatches=cfg.train.global_microbatches // layout.dp)
+    dp × sp and split by tp × pp (adaptive SP also holds the weights and gradients whole), and the
+    activations of its share of the micro-batch (tokens / sp)."""
+    states = cost.state_bytes(layout.dp * layout.sp, unsharded_copy=layout.adaptive,
+                              microbatches=cfg.train.global_microbatches // layout.dp)
     return states / (layout.tp * layout.pp) + cost.activation_bytes(cfg.data.tokens_per_microbatch // layout.sp,
                                                                      layout.tp, layout.dp * layout.sp)
 
@@ -250,11 +252,12 @@ def host_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
     return cost.host_bytes(cfg.data.tokens_per_microbatch // layout.sp, layout.dp * layout.sp * layout.tp * layout.pp)
 
 
-def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile) -> int:
-    """Adaptive SP: each rank's activation budget in tokens; the largest group must hold the context."""
+def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: MemorySaving) -> int:
+    """Adaptive SP: each rank's activation budget in tokens, with the job's memory saving; the
+    largest group must hold the context."""
     if not layout.adaptive:
         return 0
-    budget = cfg.parallel.sp.tokens_per_gpu or cost_model(cfg, layout, hw).tokens_per_gpu(
+    budget = cfg.parallel.sp.tokens_per_gpu or saving.applied(cost_model(cfg, layout, hw)).tokens_per_gpu(
         cfg.cluster.workers, unsharded_copy=True)
     _require(cfg.data.context_len <= layout.sp * budget,
              f"data.context_len={cfg.data.context_len:,} tokens fits no SP group: the largest ({layout.sp} ranks × "
@@ -276,7 +279,7 @@ def resolve(cfg: JobConfig, target: Target, world: int | None = None) -> Job:
     saving = memory_saving(cfg, layout, hw, gpu=target.device == "cuda")
     if target.device == "cuda" and not layout.adaptive:
         check_memory(cfg, layout, hw, saving)
-    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), saving, adaptive_budget(cfg, layout, hw))
+    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), saving, adaptive_budget(cfg, layout, hw, saving))
 
 
 def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: MemorySaving) -> None:
@@ -285,8 +288,13 @@ def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: Me
     n, tokens = cfg.model.n_layers, cfg.data.tokens_per_microbatch
     cost = saving.applied(cost_model(cfg, layout, hw))
     need = gpu_bytes(cfg, layout, cost) / 2**30
-    remedy = ("let Loom choose (train.activation_checkpointing, keep_attention, mlp_tile_tokens, offload_activations "
-              "and optim.offload: auto), lower data.tokens_per_microbatch or raise parallel.sp.degree")
+    t = cfg.train
+    chosen = all(v == "auto" for v in (t.activation_checkpointing, t.keep_attention, t.mlp_tile_tokens,
+                                       t.offload_activations, cfg.optim.offload))
+    remedy = ("no memory saving Loom weighs fits: lower data.tokens_per_microbatch or raise parallel.sp.degree" if chosen
+              else "let Loom choose (train.activation_checkpointing, keep_attention, mlp_tile_tokens, "
+                   "offload_activations and optim.offload: auto), lower data.tokens_per_microbatch or raise "
+                   "parallel.sp.degree")
     _require(need <= hw.gpu_memory_gb, f"a micro-batch of {tokens:,} tokens ({tokens // layout.sp:,} per GPU) needs "
              f"{need:.1f} GB on each GPU with {saving.describe(n)}; the GPUs hold {hw.gpu_memory_gb:.1f} GB: {remedy}")
     host = host_bytes(cfg, layout, cost) / 2**30

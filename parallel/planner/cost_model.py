@@ -197,10 +197,10 @@ class CostModel:
         theirs, block j has its whole activations and its backward working set, and the blocks
         after j have left their fp32 gradients (GRAD_BYTES per parameter, over the `shard` ranks
         that reduce them, and the newest block's whole reduction input once more); with offloaded
-        inputs, the next block's input is on its way back meanwhile. Outside the
-        blocks, in every phase: the residual stream's gradient (bf16) and the output layer's fp32
-        gradient, formed by the chunked loss in forward, with its bf16 copy (OUTPUT_BYTES per
-        parameter). Which block is last matters, not whether it is recomputed: its backward runs
+        inputs, an offloaded block's backward also holds the input of the offloaded block before it,
+        on its way back. Outside the blocks, in every phase: the residual stream's gradient (bf16)
+        and the output layer's fp32 gradient, formed by the chunked loss in forward, with its bf16
+        copy (OUTPUT_BYTES per parameter). Which block is last matters, not whether it is recomputed: its backward runs
         first, with every other block's activations still held."""
         m = self.shape
         recomputed = recomputed_block_ids(round(self.recomputed * m.n_layers), m.n_layers)
@@ -209,12 +209,13 @@ class CostModel:
         fixed = OUTPUT_BYTES * m.vocab_size * m.dim
         block_grads = GRAD_BYTES * m.matmul_params_per_layer()  # (whole, before its reduce-scatter)
         whole = self.block_bytes_per_token(False) + self.backward_bytes_per_token()
-        prefetched = m.dim * BYTES if self.offload_inputs and recomputed else 0.0
         phases = [(base + sum(held), fixed)]
         before = 0.0
         for j in range(m.n_layers):
             after = m.n_layers - 1 - j
-            phases.append((base + before + whole + (prefetched if j else 0.0),
+            # (an offloaded block's recompute starts the copy back of the offloaded block before it)
+            prefetching = self.offload_inputs and j in recomputed and any(i < j for i in recomputed)
+            phases.append((base + before + whole + (m.dim * BYTES if prefetching else 0.0),
                            fixed + block_grads * (after / shard + (1 if after else 0))))
             before += held[j]
         return phases

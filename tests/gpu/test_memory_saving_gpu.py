@@ -65,11 +65,13 @@ def test_kept_attention_on_cuda_equals_recomputing_it(tile):
 
 def test_offloaded_inputs_on_cuda_come_back_prefetched_and_equal():
     """Recomputed blocks' inputs in pinned host memory, copied back on a side stream one block
-    ahead of backward: the same loss and gradients as keeping them on the GPU (the inputs are
-    copied exactly, and the recompute runs the same kernels: 1e-6 on the loss, 1e-3 relative L2 on
-    the gradients, as above); after the forward the device holds less by the inputs, backward
-    peaks lower (one input prefetched, not all held), and every input but the first one backward
-    takes was on its way back before its block asked for it."""
+    ahead of backward: the same loss and gradients as keeping them on the GPU. The attention is
+    the math backend's, whose backward has no atomics (cuDNN's and the varlen kernel's spread a
+    model's own gradients by up to 1.5e-3 relative L2 from one backward to the next, measured on an
+    H200), so a copy back read before it arrives shows far above the 1e-5 allowed. After the
+    forward the device holds less by the inputs, backward peaks lower (one input prefetched, not
+    all held), and every input but the first one backward takes was on its way back before its
+    block asked for it."""
     from trainer.activation_offload import InputOffload
 
     torch.manual_seed(0)
@@ -81,7 +83,9 @@ def test_offloaded_inputs_on_cuda_come_back_prefetched_and_equal():
     apply_activation_checkpointing(kept, {0, 1, 2, 3})
     apply_activation_checkpointing(moved, {0, 1, 2, 3}, offload=offload)
     lengths = [4096, 2048, 900]
-    tokens, positions, attend = packed_batch(lengths, cfg.vocab_size)
+    tokens, positions, _ = packed_batch(lengths, cfg.vocab_size)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    attend = LocalAttention(select_backend("math", "cuda"), cu, max(lengths), lengths=lengths)
     losses, held, peaks = [], [], []
     for model in (kept, moved):
         torch.cuda.synchronize()
@@ -98,7 +102,7 @@ def test_offloaded_inputs_on_cuda_come_back_prefetched_and_equal():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
     for (name, a), b in zip(kept.named_parameters(), moved.parameters()):
         err = ((b.grad - a.grad).norm() / a.grad.norm()).item()
-        assert err < 1e-3, (name, err)
+        assert err < 1e-5, (name, err)
     inputs = cfg.n_layers * sum(lengths) * cfg.dim * 4  # fp32 residual stream between blocks
     assert held[0] - held[1] >= 0.9 * inputs, (held, inputs)
     # (at the last block's backward: three inputs held against one prefetched; at least one input lower)
