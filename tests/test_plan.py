@@ -149,7 +149,7 @@ def test_memory_model_matches_the_block_traces_measured_on_an_h200():
     """The memory model against `benchmarks/activation_memory.py` on an H200 (21 layouts of
     llama-1b-long at 128K–512K tokens and of Llama-3.1-8B at 64K, with 2 or 4 layers: recomputed
     blocks with and without their attention kept, SwiGLU tiles, offloaded inputs): every step's
-    peak within 6% (the model gives −5.1% … +3.6% today)."""
+    peak within 6% (the model gives −2.9% … +4.1% today)."""
     import json
     from pathlib import Path
 

@@ -19,8 +19,8 @@ ring — (d−1) hops of K/V forward and K/V + fp32 dK/dV backward, each hidden 
 attention when the hop's compute is longer; ulysses — four all-to-alls of activations forward
 and four backward, not hidden; lasp2 — one all-gather of the d_k × d_v state per head, independent
 of L. Memory per GPU: FSDP-sharded weights and AdamW states, plus the highest of the moments a
-peak can occur — the loss at the end of the forward (every block's activations held, the logits of
-a chunk) and each block's backward (the blocks before it holding theirs, this block's whole
+peak can occur — the loss at the end of the forward (every block's activations held, the hidden
+states it reads, the logits of a chunk) and each block's backward (the blocks before it holding theirs, this block's whole
 activations back and its backward's working set, the gradients of the blocks after it). The
 terms were measured block by block on an H200 (`benchmarks/activation_memory.py`).
 
@@ -53,6 +53,7 @@ HOST_RESERVE = 0.8  # share of a host's memory that offloaded moments and activa
 LOGIT_BYTES = 7.5  # per logit of the loss's working set (7.47 measured on an H200, 8,192-row chunks)
 OUTPUT_BYTES = 7  # per output-layer parameter during forward and backward: its fp32 gradient and bf16 copy (fitted)
 GRAD_BYTES = 4  # per parameter of a block whose backward is done: its fp32 gradient
+LOSS_INPUTS = 1  # bf16 copies of the hidden states per token at the loss besides their gradient: the final norm's output
 CommMethod = Literal["ring", "ulysses", "lasp2"]
 
 
@@ -193,15 +194,16 @@ class CostModel:
     def _phases(self, shard: int) -> list[tuple[float, float]]:
         """(bytes per token, fixed bytes) of activations and gradients at each moment a memory peak
         can occur, for tp = 1: the loss at the end of the forward, when every block holds its
-        activations, and the backward of each block j (last first), when blocks 0..j−1 still hold
-        theirs, block j has its whole activations and its backward working set, and the blocks
-        after j have left their fp32 gradients (GRAD_BYTES per parameter, over the `shard` ranks
-        that reduce them, and the newest block's whole reduction input once more); with offloaded
-        inputs, an offloaded block's backward also holds the input of the offloaded block before it,
-        on its way back. Outside the blocks, in every phase: the residual stream's gradient (bf16)
-        and the output layer's fp32 gradient, formed by the chunked loss in forward, with its bf16
-        copy (OUTPUT_BYTES per parameter). Which block is last matters, not whether it is recomputed: its backward runs
-        first, with every other block's activations still held."""
+        activations and the loss reads the final norm's output, and the backward of each block j
+        (last first), when blocks 0..j−1 still hold theirs, block j has its whole activations and
+        its backward working set, and the blocks after j have left their fp32 gradients (GRAD_BYTES
+        per parameter, over the `shard` ranks that reduce them, and the newest block's whole
+        reduction input once more); with offloaded inputs, an offloaded block's backward also holds
+        the input of the offloaded block before it, on its way back. Outside the blocks, in every
+        phase: the residual stream's gradient (bf16) and the output layer's fp32 gradient, formed by
+        the chunked loss in forward, with its bf16 copy (OUTPUT_BYTES per parameter). Which block is
+        last matters, not whether it is recomputed: its backward runs first, with every other
+        block's activations still held."""
         m = self.shape
         recomputed = recomputed_block_ids(round(self.recomputed * m.n_layers), m.n_layers)
         held = [self.block_bytes_per_token(j in recomputed) for j in range(m.n_layers)]
@@ -209,7 +211,7 @@ class CostModel:
         fixed = OUTPUT_BYTES * m.vocab_size * m.dim
         block_grads = GRAD_BYTES * m.matmul_params_per_layer()  # (whole, before its reduce-scatter)
         whole = self.block_bytes_per_token(False) + self.backward_bytes_per_token()
-        phases = [(base + sum(held), fixed)]
+        phases = [(base + LOSS_INPUTS * m.dim * BYTES + sum(held), fixed)]
         before = 0.0
         for j in range(m.n_layers):
             after = m.n_layers - 1 - j
