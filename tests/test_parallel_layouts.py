@@ -1,7 +1,7 @@
 """Every parallel layout against one process, resuming onto another layout, and bad layouts.
 
-Tolerance: losses of 5 steps within rtol 1e-5 of the single-process run (fp32; the layouts only
-change the order of sums — seen here: ≤ 1e-7). Layouts of one world size run in one process group.
+Tolerance: losses of 3 steps within rtol 1e-6 of the single-process run (fp32; the layouts only
+change the order of sums — seen here: ≤ 1.2e-7). Layouts of one world size run in one process group.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def check_world(world: int, dataset, tmp_path) -> None:
     runs = {name: ov + [f"name={name}", *extra] for name, extra in LAYOUTS[world].items()}
     losses = run_ranks(several_layouts, world, runs)[0]
     for name in LAYOUTS[world]:
-        torch.testing.assert_close(torch.tensor(losses[name]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0,
+        torch.testing.assert_close(torch.tensor(losses[name]), torch.tensor(reference["losses"]), rtol=1e-6, atol=0,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
