@@ -157,7 +157,7 @@ def run_variant(name: str, args: argparse.Namespace, data: Path, run_dir: Path) 
         "peak_mem_gb": round(peak_mem.item(), 2), "loss": round(records[-1]["loss"], 4),
         "fill": round(tokens / (len(records) * args.seq * (args.microbatches or args.dp)), 4),
         "step_documents": steps,  # rank 0's micro-batches of the timed steps, as document lengths
-        "steps_timed": len(times), "overrides": args.set,
+        "steps_timed": len(times), "warmup_steps": args.warmup, "overrides": args.set,
         **predicted(trainer, args, data, records, steps),
     }
     trainer.loader.close()

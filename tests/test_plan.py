@@ -146,10 +146,10 @@ def test_each_layout_recomputes_the_fewest_blocks_that_fit():
 
 
 def test_memory_model_matches_the_block_traces_measured_on_an_h200():
-    """The memory model against `benchmarks/activation_memory.py` on an H200 (21 layouts of
-    llama-1b-long at 128K–512K tokens and of Llama-3.1-8B at 64K, with 2 or 4 layers: recomputed
-    blocks with and without their attention kept, SwiGLU tiles, offloaded inputs): every step's
-    peak within 6% (the model gives −2.9% … +4.1% today)."""
+    """The memory model against `benchmarks/activation_memory.py` on an H200 (23 traces of 22
+    layouts of llama-1b-long at 128K–1M tokens and of Llama-3.1-8B at 64K, with 2 or 4 layers:
+    recomputed blocks with and without their attention kept, SwiGLU tiles, offloaded inputs): every
+    step's peak within 6% (the model gives −2.9% … +4.1% today)."""
     import json
     from pathlib import Path
 
