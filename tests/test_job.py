@@ -128,22 +128,33 @@ def test_adaptive_preflight_on_a_cpu_head_uses_the_workers_gpu(small_dataset, mo
 
 def test_adaptive_budget_counts_the_memory_saving_it_runs_with(small_dataset):
     """Adaptive SP's per-rank token budget is what the GPU holds with the job's memory saving and
-    the whole weights and gradients adaptive mode keeps: recomputing every block raises it, and each
-    budget fits the memory model next to those states (`auto` recomputes the fewest blocks that
-    hold the largest group's share of the context)."""
+    the whole weights and gradients adaptive mode keeps: recomputing every block raises it, `auto`
+    recomputes the fewest blocks that let the largest group hold the context, and each budget fits
+    the memory model next to those states. Inputs offloaded to a small host cap the budget at what
+    the host holds; a budget set beyond that is refused in one line."""
     base = [f"data.path={small_dataset}", "model=llama-8b", "parallel.sp.mode=adaptive", "parallel.sp.degree=8",
-            "cluster.workers=8", "data.context_len=262144", "data.tokens_per_microbatch=262144",
-            "train.global_microbatches=8", "train.loss_chunk=8192", "optim.offload=false",
-            "train.offload_activations=false"]
+            "cluster.workers=8", "train.global_microbatches=8", "train.loss_chunk=8192", "optim.offload=false"]
     budgets = {}
-    for setting in ("false", "true", "auto"):
-        job = resolve(load_config(DEMO, [*base, f"train.activation_checkpointing={setting}"]), H200)
+    for setting, context in (("false", 262144), ("true", 262144), ("auto", 327680)):
+        job = resolve(load_config(DEMO, [*base, f"data.context_len={context}", f"data.tokens_per_microbatch={context}",
+                                         "train.offload_activations=false",
+                                         f"train.activation_checkpointing={setting}"]), H200)
         budgets[setting] = job.tokens_per_gpu
         cost = job.cost_model()
         need = cost.state_bytes(8, unsharded_copy=True) + cost.activation_bytes(job.tokens_per_gpu, 1, 8)
         assert need <= job.hardware.gpu_memory_gb * 2**30 * MEMORY_RESERVE
-        assert job.layout.sp * job.tokens_per_gpu >= 262144
+        if setting == "auto":
+            assert 0 < job.recomputed_blocks < 32 and 8 * job.tokens_per_gpu >= 327680
     assert budgets["true"] > 1.5 * budgets["false"], budgets
+    offloaded = [*base, "data.context_len=262144", "data.tokens_per_microbatch=262144",
+                 "train.activation_checkpointing=true", "train.offload_activations=true"]
+    small_host = Target("cuda", "NVIDIA H200", 139.8, 8 * 24.0)  # 24 GB per GPU
+    capped = resolve(load_config(DEMO, offloaded), small_host)
+    host = capped.cost_model().host_bytes(capped.tokens_per_gpu, 8)
+    assert capped.tokens_per_gpu < resolve(load_config(DEMO, offloaded), H200).tokens_per_gpu
+    assert host <= 24.0 * 2**30 * 0.8 < capped.cost_model().host_bytes(capped.tokens_per_gpu + 64, 8)
+    with pytest.raises(ConfigError, match=r"parallel.sp.tokens_per_gpu=200,000 puts .* GB per GPU in host memory"):
+        resolve(load_config(DEMO, [*offloaded, "parallel.sp.tokens_per_gpu=200000"]), small_host)
 
 
 def test_layout_rules_give_one_line(small_dataset):

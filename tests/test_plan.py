@@ -149,7 +149,7 @@ def test_memory_model_matches_the_block_traces_measured_on_an_h200():
     """The memory model against `benchmarks/activation_memory.py` on an H200 (23 traces of 22
     layouts of llama-1b-long at 128K–1M tokens and of Llama-3.1-8B at 64K, with 2 or 4 layers:
     recomputed blocks with and without their attention kept, SwiGLU tiles, offloaded inputs): every
-    step's peak within 6% (the model gives −2.9% … +4.1% today)."""
+    step's peak within 5% (the model gives −2.9% … +4.1% today)."""
     import json
     from pathlib import Path
 
@@ -169,4 +169,4 @@ def test_memory_model_matches_the_block_traces_measured_on_an_h200():
                          keep_attention="keep" in flags, mlp_tile=MLP_TILE if "tile" in flags else 0,
                          offload_inputs="offload" in flags)
         predicted = (cost.state_bytes(1) + cost.activation_bytes(row["seq"])) / 2**30
-        assert abs(predicted / row["step_peak_gib"] - 1) < 0.06, (row["model"], row["seq"], row["layout"], predicted)
+        assert abs(predicted / row["step_peak_gib"] - 1) < 0.05, (row["model"], row["seq"], row["layout"], predicted)

@@ -253,12 +253,25 @@ def host_bytes(cfg: JobConfig, layout: Layout, cost: CostModel) -> float:
 
 
 def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: MemorySaving) -> int:
-    """Adaptive SP: each rank's activation budget in tokens, with the job's memory saving; the
-    largest group must hold the context."""
+    """Adaptive SP: each rank's activation budget in tokens, with the job's memory saving — what the
+    GPU holds, and no more than the host holds of the inputs it offloads; the largest group must
+    hold the context."""
     if not layout.adaptive:
         return 0
-    budget = cfg.parallel.sp.tokens_per_gpu or saving.applied(cost_model(cfg, layout, hw)).tokens_per_gpu(
-        cfg.cluster.workers, unsharded_copy=True)
+    cost = saving.applied(cost_model(cfg, layout, hw))
+    shard = layout.dp * layout.sp * layout.tp * layout.pp
+    fixed, per_token = cost.host_bytes(0, shard), cost.host_bytes(1, shard) - cost.host_bytes(0, shard)
+    host_limit = hw.host_memory_gb * 2**30 * HOST_RESERVE
+    budget = cfg.parallel.sp.tokens_per_gpu
+    if not budget:
+        budget = cost.tokens_per_gpu(cfg.cluster.workers, unsharded_copy=True)
+        if per_token:
+            budget = min(budget, max(0, int((host_limit - fixed) / per_token)))
+    host = cost.host_bytes(budget, shard) / 2**30
+    _require(host <= host_limit / 2**30,
+             f"parallel.sp.tokens_per_gpu={budget:,} puts {host:.1f} GB per GPU in host memory with "
+             f"{saving.describe(cfg.model.n_layers)}; {100 * HOST_RESERVE:.0f}% of the host's "
+             f"{hw.host_memory_gb:.1f} GB per GPU is {host_limit / 2**30:.1f} GB")
     _require(cfg.data.context_len <= layout.sp * budget,
              f"data.context_len={cfg.data.context_len:,} tokens fits no SP group: the largest ({layout.sp} ranks × "
              f"{budget:,} tokens per rank) holds {layout.sp * budget:,}")
@@ -289,9 +302,10 @@ def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: Me
     cost = saving.applied(cost_model(cfg, layout, hw))
     need = gpu_bytes(cfg, layout, cost) / 2**30
     t = cfg.train
-    chosen = all(v == "auto" for v in (t.activation_checkpointing, t.keep_attention, t.mlp_tile_tokens,
-                                       t.offload_activations, cfg.optim.offload))
-    remedy = ("no memory saving Loom weighs fits: lower data.tokens_per_microbatch or raise parallel.sp.degree" if chosen
+    all_auto = all(v == "auto" for v in (t.activation_checkpointing, t.keep_attention, t.mlp_tile_tokens,
+                                         t.offload_activations, cfg.optim.offload))
+    remedy = ("no memory saving Loom weighs fits: lower data.tokens_per_microbatch or raise parallel.sp.degree"
+              if all_auto
               else "let Loom choose (train.activation_checkpointing, keep_attention, mlp_tile_tokens, "
                    "offload_activations and optim.offload: auto), lower data.tokens_per_microbatch or raise "
                    "parallel.sp.degree")

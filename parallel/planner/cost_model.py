@@ -20,9 +20,9 @@ attention when the hop's compute is longer; ulysses — four all-to-alls of acti
 and four backward, not hidden; lasp2 — one all-gather of the d_k × d_v state per head, independent
 of L. Memory per GPU: FSDP-sharded weights and AdamW states, plus the highest of the moments a
 peak can occur — the loss at the end of the forward (every block's activations held, the hidden
-states it reads, the logits of a chunk) and each block's backward (the blocks before it holding theirs, this block's whole
-activations back and its backward's working set, the gradients of the blocks after it). The
-terms were measured block by block on an H200 (`benchmarks/activation_memory.py`).
+states it reads, the logits of a chunk) and each block's backward (the blocks before it holding
+theirs, this block's whole activations back and its backward's working set, the gradients of the
+blocks after it). The terms were measured block by block on an H200 (`benchmarks/activation_memory.py`).
 
 Two techniques trade time for memory beyond recomputing whole blocks: recomputed blocks that keep
 their attention's output (`keep_attention`: only the cheap matmuls and element-wise work run
@@ -53,7 +53,7 @@ HOST_RESERVE = 0.8  # share of a host's memory that offloaded moments and activa
 LOGIT_BYTES = 7.5  # per logit of the loss's working set (7.47 measured on an H200, 8,192-row chunks)
 OUTPUT_BYTES = 7  # per output-layer parameter during forward and backward: its fp32 gradient and bf16 copy (fitted)
 GRAD_BYTES = 4  # per parameter of a block whose backward is done: its fp32 gradient
-LOSS_INPUTS = 1  # bf16 copies of the hidden states per token at the loss besides their gradient: the final norm's output
+LOSS_INPUTS = 1  # bf16 hidden states per token at the loss besides their gradient (the final norm's output)
 CommMethod = Literal["ring", "ulysses", "lasp2"]
 
 
@@ -198,12 +198,13 @@ class CostModel:
         (last first), when blocks 0..j−1 still hold theirs, block j has its whole activations and
         its backward working set, and the blocks after j have left their fp32 gradients (GRAD_BYTES
         per parameter, over the `shard` ranks that reduce them, and the newest block's whole
-        reduction input once more); with offloaded inputs, an offloaded block's backward also holds
-        the input of the offloaded block before it, on its way back. Outside the blocks, in every
-        phase: the residual stream's gradient (bf16) and the output layer's fp32 gradient, formed by
-        the chunked loss in forward, with its bf16 copy (OUTPUT_BYTES per parameter). Which block is
-        last matters, not whether it is recomputed: its backward runs first, with every other
-        block's activations still held."""
+        reduction input once more); with offloaded inputs, from an offloaded block's backward to the
+        backward of the offloaded block before it, that block's input is back on the GPU (the chain
+        is counted over all layers: with pipeline stages, whose chains start anew, that is at most
+        one input too many). Outside the blocks, in every phase: the residual stream's gradient
+        (bf16) and the output layer's fp32 gradient, formed by the chunked loss in forward, with its
+        bf16 copy (OUTPUT_BYTES per parameter). Which block is last matters, not whether it is
+        recomputed: its backward runs first, with every other block's activations still held."""
         m = self.shape
         recomputed = recomputed_block_ids(round(self.recomputed * m.n_layers), m.n_layers)
         held = [self.block_bytes_per_token(j in recomputed) for j in range(m.n_layers)]
@@ -215,8 +216,10 @@ class CostModel:
         before = 0.0
         for j in range(m.n_layers):
             after = m.n_layers - 1 - j
-            # (an offloaded block's recompute starts the copy back of the offloaded block before it)
-            prefetching = self.offload_inputs and j in recomputed and any(i < j for i in recomputed)
+            # (an offloaded block's recompute starts the copy back of the offloaded block before it,
+            # which stays on the GPU until that block's backward)
+            prefetching = (self.offload_inputs and any(i < j for i in recomputed)
+                           and any(k >= j for k in recomputed))
             phases.append((base + before + whole + (m.dim * BYTES if prefetching else 0.0),
                            fixed + block_grads * (after / shard + (1 if after else 0))))
             before += held[j]
