@@ -260,18 +260,13 @@ def adaptive_budget(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving:
         return 0
     cost = saving.applied(cost_model(cfg, layout, hw))
     shard = layout.dp * layout.sp * layout.tp * layout.pp
-    fixed, per_token = cost.host_bytes(0, shard), cost.host_bytes(1, shard) - cost.host_bytes(0, shard)
-    host_limit = hw.host_memory_gb * 2**30 * HOST_RESERVE
-    budget = cfg.parallel.sp.tokens_per_gpu
-    if not budget:
-        budget = cost.tokens_per_gpu(cfg.cluster.workers, unsharded_copy=True)
-        if per_token:
-            budget = min(budget, max(0, int((host_limit - fixed) / per_token)))
+    budget = cfg.parallel.sp.tokens_per_gpu or min(cost.tokens_per_gpu(cfg.cluster.workers, unsharded_copy=True),
+                                                    cost.host_tokens(shard))
     host = cost.host_bytes(budget, shard) / 2**30
-    _require(host <= host_limit / 2**30,
+    _require(host <= hw.host_memory_gb * HOST_RESERVE,
              f"parallel.sp.tokens_per_gpu={budget:,} puts {host:.1f} GB per GPU in host memory with "
              f"{saving.describe(cfg.model.n_layers)}; {100 * HOST_RESERVE:.0f}% of the host's "
-             f"{hw.host_memory_gb:.1f} GB per GPU is {host_limit / 2**30:.1f} GB")
+             f"{hw.host_memory_gb:.1f} GB per GPU is {hw.host_memory_gb * HOST_RESERVE:.1f} GB")
     _require(cfg.data.context_len <= layout.sp * budget,
              f"data.context_len={cfg.data.context_len:,} tokens fits no SP group: the largest ({layout.sp} ranks × "
              f"{budget:,} tokens per rank) holds {layout.sp * budget:,}")
@@ -292,7 +287,8 @@ def resolve(cfg: JobConfig, target: Target, world: int | None = None) -> Job:
     saving = memory_saving(cfg, layout, hw, gpu=target.device == "cuda")
     if target.device == "cuda" and not layout.adaptive:
         check_memory(cfg, layout, hw, saving)
-    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), saving, adaptive_budget(cfg, layout, hw, saving))
+    return Job(cfg, layout, target, hw, backend, precision, bool(compile_), saving,
+               adaptive_budget(cfg, layout, hw, saving))
 
 
 def check_memory(cfg: JobConfig, layout: Layout, hw: HardwareProfile, saving: MemorySaving) -> None:

@@ -212,15 +212,14 @@ class CostModel:
         fixed = OUTPUT_BYTES * m.vocab_size * m.dim
         block_grads = GRAD_BYTES * m.matmul_params_per_layer()  # (whole, before its reduce-scatter)
         whole = self.block_bytes_per_token(False) + self.backward_bytes_per_token()
+        # (an offloaded block's recompute starts the copy back of the offloaded block before it, which
+        # stays on the GPU until that block's backward: from the second offloaded block down to the last)
+        first, last = (min(recomputed), max(recomputed)) if self.offload_inputs and recomputed else (0, -1)
         phases = [(base + LOSS_INPUTS * m.dim * BYTES + sum(held), fixed)]
         before = 0.0
         for j in range(m.n_layers):
             after = m.n_layers - 1 - j
-            # (an offloaded block's recompute starts the copy back of the offloaded block before it,
-            # which stays on the GPU until that block's backward)
-            prefetching = (self.offload_inputs and any(i < j for i in recomputed)
-                           and any(k >= j for k in recomputed))
-            phases.append((base + before + whole + (m.dim * BYTES if prefetching else 0.0),
+            phases.append((base + before + whole + (m.dim * BYTES if first < j <= last else 0.0),
                            fixed + block_grads * (after / shard + (1 if after else 0))))
             before += held[j]
         return phases
@@ -260,6 +259,14 @@ class CostModel:
     def free_bytes(self, shard: int, unsharded_copy: bool = False, microbatches: int = 1) -> float:
         """Memory left for activations once the states are placed, MEMORY_RESERVE of the GPU usable."""
         return self.hw.gpu_memory_gb * 2**30 * MEMORY_RESERVE - self.state_bytes(shard, unsharded_copy, microbatches)
+
+    def host_tokens(self, shard: int) -> float:
+        """Most tokens per GPU whose offloaded inputs fit HOST_RESERVE of the host's share next to
+        the offloaded moments (inf where nothing per token goes to the host)."""
+        fixed = self.host_bytes(0, shard)
+        per_token = self.host_bytes(1, shard) - fixed
+        limit = self.hw.host_memory_gb * 2**30 * HOST_RESERVE
+        return max(0, int((limit - fixed) / per_token)) if per_token else float("inf")
 
     def tokens_per_gpu(self, shard: int, unsharded_copy: bool = False) -> int:
         """Most tokens one GPU can hold activations for, with the rest of memory for states: the
